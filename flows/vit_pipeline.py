@@ -1,0 +1,178 @@
+"""The Prefect flow ``vit-pipeline``: acquire data -> one task per (configuration, fold) -> aggregate -> retrain
+the best -> export ONNX -> evaluate with ONNX Runtime -> register. Each task is a thin call into pipeline/."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.futures import as_completed  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+from prefect.utilities.annotations import quote  # noqa: E402
+
+from pipeline import data as data_lib  # noqa: E402
+from pipeline import study as steps  # noqa: E402
+from pipeline.config import DataConfig, StudyConfig, load_config  # noqa: E402
+from pipeline.tracking import PROJECT_ROOT, Tracker, failure_status, tracking_uri  # noqa: E402
+from pipeline.train import configure_threads, resolve_device  # noqa: E402
+
+MAX_FOLD_WORKERS = 16
+
+
+@task(name="acquire-data", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def acquire_data(data_cfg: DataConfig) -> tuple[Path, dict[str, str]]:
+    """Download MNIST when missing (torchvision, retried on network errors), then verify every file's md5."""
+    root, md5 = data_lib.acquire(data_cfg)
+    get_run_logger().info("MNIST verified under %s", data_lib.raw_dir(root))
+    return root, md5
+
+
+@task(name="train-fold", cache_policy=NO_CACHE, task_run_name="{label} fold {fold_number}")
+def train_fold(study: steps.Study, index: int, fold_index: int, configuration_run_id: str, label: str,
+               fold_number: int) -> dict[str, Any]:
+    result = steps.train_fold(study, index, fold_index, configuration_run_id)
+    get_run_logger().info("%s fold %d: val_error %.4f (%.1f s)", label, fold_number, result["val_error"],
+                          result["seconds"])
+    return result
+
+
+@task(name="aggregate", cache_policy=NO_CACHE)
+def aggregate(study: steps.Study, fold_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return steps.aggregate(study, fold_results)
+
+
+@task(name="retrain-best", cache_policy=NO_CACHE)
+def retrain(study: steps.Study, leaderboard: list[dict[str, Any]]):
+    return steps.retrain(study, leaderboard)
+
+
+@task(name="export-onnx", cache_policy=NO_CACHE)
+def export_onnx(study: steps.Study, result, run_id: str, directory: str):
+    return steps.export(study, result, run_id, directory)
+
+
+@task(name="evaluate-onnx", cache_policy=NO_CACHE)
+def evaluate_onnx(study: steps.Study, onnx_path: Path, run_id: str) -> dict[str, Any]:
+    return steps.evaluate(study, onnx_path, run_id)
+
+
+@task(name="register-model", cache_policy=NO_CACHE)
+def register(study: steps.Study, onnx_path: Path, run_id: str, report: dict[str, Any]) -> dict[str, Any]:
+    return steps.register(study, onnx_path, run_id, report)
+
+
+def fold_concurrency(cfg: StudyConfig, jobs: int) -> int:
+    if cfg.cv.concurrency:
+        return min(cfg.cv.concurrency, jobs)
+    if resolve_device(cfg.train.device).type == "cuda":
+        return 1  # one GPU: folds queue on it anyway
+    return max(1, min(os.cpu_count() or 1, jobs))  # tiny models: one thread per task scales better than intra-op
+
+
+def leaderboard_markdown(leaderboard: list[dict[str, Any]], folds: int) -> str:
+    lines = ["| rank | configuration | parameters | val error (mean ± std) | train error (mean ± std) |",
+             "|---:|---|---:|---:|---:|"]
+    for row in leaderboard:
+        lines.append(f"| {row['rank']} | {row['label']} | {row['parameters']:,} | "
+                     f"{100 * row['val_error_mean']:.2f}% ± {100 * row['val_error_std']:.2f} | "
+                     f"{100 * row['train_error_mean']:.2f}% ± {100 * row['train_error_std']:.2f} |")
+    return f"### Cross-validation leaderboard ({folds} folds)\n\n" + "\n".join(lines)
+
+
+@flow(name="vit-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=MAX_FOLD_WORKERS), log_prints=True)
+def vit_pipeline(config: str = "seed", overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run a study: ``config`` is a preset name (configs/<name>.yaml) or a YAML path; ``overrides`` are
+    ``key=value`` strings (e.g. ``train.epochs=2``)."""
+    started = time.perf_counter()
+    cfg = load_config(config, overrides)  # fails here, before any work, on a bad configuration
+    logger = get_run_logger()
+    timings: dict[str, float] = {}
+
+    mark = time.perf_counter()
+    root, md5 = acquire_data(cfg.data)
+    dataset = data_lib.load(cfg.data, root=root, md5=md5)
+    timings["data_s"] = time.perf_counter() - mark
+    logger.info("data: %s", dataset.summary())
+
+    tracker = Tracker(tracking_uri(cfg.tracking), cfg.experiment_name)
+    study = steps.Study(cfg=cfg, data=dataset, tracker=tracker)
+    try:
+        steps.start_study(study)
+        jobs = [(i, f) for i in range(len(study.candidates)) for f in range(cfg.cv.folds)]
+        workers = fold_concurrency(cfg, len(jobs))
+        threads = configure_threads(cfg.train.threads, workers)
+        logger.info("cross-validation: %d configurations x %d folds, %d at once, %d torch thread(s) each",
+                    len(study.candidates), cfg.cv.folds, workers, threads)
+
+        mark = time.perf_counter()
+        config_runs = [steps.start_configuration(study, i) for i in range(len(study.candidates))]
+        running, results = [], []
+        for index, fold_index in jobs:
+            if len(running) >= workers:
+                done = next(as_completed(running))
+                running.remove(done)
+                results.append(done.result())
+            running.append(train_fold.submit(quote(study), index, fold_index, config_runs[index],
+                                             study.candidates[index].label, fold_index + 1))
+        results.extend(f.result() for f in running)
+        leaderboard = aggregate(quote(study), results)
+        for row in leaderboard:
+            steps.close_configuration(study, row, config_runs[row["candidate_index"]])
+        timings["cv_s"] = time.perf_counter() - mark
+        create_markdown_artifact(key="cv-leaderboard", markdown=leaderboard_markdown(leaderboard, cfg.cv.folds),
+                                 description=f"{cfg.name}: cross-validation leaderboard")
+
+        mark = time.perf_counter()
+        result, final_run = retrain(quote(study), leaderboard)
+        timings["retrain_s"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        onnx_path, parity = export_onnx(quote(study), quote(result), final_run,
+                                        str(PROJECT_ROOT / "models" / cfg.experiment_name))
+        timings["export_s"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        report = evaluate_onnx(quote(study), onnx_path, final_run)
+        timings["evaluate_s"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        registration = register(quote(study), onnx_path, final_run, report)
+        timings["register_s"] = time.perf_counter() - mark
+        timings["total_s"] = time.perf_counter() - started
+        tracker.log_metrics(study.run_id, {**timings, "test_accuracy": report["test_accuracy"],
+                                           "best_val_error_mean": leaderboard[0]["val_error_mean"]})
+        tracker.end_run(study.run_id)
+    except BaseException as exc:
+        status = failure_status(exc)
+        closed = tracker.close_open_runs(status)
+        logger.error("study failed (%s: %s); %d MLflow run(s) marked %s", type(exc).__name__, exc, len(closed),
+                     status)
+        raise
+
+    summary = {
+        "study": cfg.name, "experiment": cfg.experiment_name, "tracking_uri": tracker.uri,
+        "study_run_id": study.run_id, "final_run_id": final_run, "device": result.device,
+        "leaderboard": [{k: v for k, v in row.items() if k != "fold_histories"} for row in leaderboard],
+        "selected": leaderboard[0]["label"], "final_history": result.history,
+        "onnx_path": str(onnx_path), **parity, **report, "registration": registration, "timings": timings,
+    }
+    create_markdown_artifact(key="study-summary", markdown=summary_markdown(summary),
+                             description=f"{cfg.name}: result and champion/challenger decision")
+    return summary
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    reg = summary["registration"]
+    return (f"### {summary['study']}: {100 * summary['test_accuracy']:.2f}% test accuracy (ONNX Runtime, "
+            f"{summary['provider']})\n\n"
+            f"- selected configuration: **{summary['selected']}**\n"
+            f"- registered: `{reg['model_uri']}` -> alias **{reg['alias']}** ({reg['reason']})\n"
+            f"- wall time: {summary['timings']['total_s']:.1f} s\n\n"
+            + leaderboard_markdown(summary["leaderboard"], len(summary["leaderboard"][0]["fold_val_errors"])))

@@ -1,0 +1,253 @@
+"""Typed study configuration: YAML presets plus ``key=value`` overrides, validated before any work starts."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DATA_DIR_ENV = "VITFLOW_DATA_DIR"
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message is one line naming the field and the value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    root: str | None = Field(None, description=f"MNIST root (holds MNIST/raw); ${DATA_DIR_ENV} wins, default ./data")
+    download: bool = True
+    mirrors: list[str] | None = Field(None, description="base URLs to download from; None: torchvision's mirrors")
+    train_subset: int | None = Field(None, gt=0, description="stratified subset of the 60k training images")
+    test_subset: int | None = Field(None, gt=0, description="first N of the 10k test images")
+    subset_seed: int = 0
+
+    def resolved_root(self) -> Path:
+        return Path(os.environ.get(DATA_DIR_ENV) or self.root or "data").expanduser().resolve()
+
+
+class ModelConfig(_Strict):
+    image_size: int = Field(28, gt=0)
+    channels: int = Field(1, gt=0)
+    patch_size: int = Field(4, gt=0)
+    dim: int = Field(8, gt=0)
+    heads: int = Field(2, gt=0)
+    depth: int = Field(2, gt=0)
+    mlp_hidden: int = Field(16, gt=0)
+    num_classes: int = Field(10, ge=2)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    pos_embedding: Literal["sinusoidal", "learned"] = "sinusoidal"
+    attn_out_proj: bool = Field(False, description="output projection after the heads are concatenated")
+
+    @model_validator(mode="after")
+    def _divisibility(self) -> "ModelConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"model.patch_size={self.patch_size} must divide model.image_size={self.image_size}")
+        if self.dim % self.heads:
+            raise ValueError(f"model.heads={self.heads} must divide model.dim={self.dim}")
+        return self
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(5, gt=0)
+    batch_size: int = Field(128, gt=0)
+    eval_batch_size: int = Field(4096, gt=0)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(0.005, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, gt=0, description="torch intra-op threads; None: cores / concurrent tasks")
+
+
+class CVConfig(_Strict):
+    folds: int = Field(3, ge=2)
+    seed: int = 0
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    concurrency: int | None = Field(None, gt=0, description="fold tasks trained at once; None: auto (CPU: one per core, CUDA: 1)")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if not grid:
+            raise ValueError("cv.grid is empty; give at least one field to search, e.g. model.depth: [2, 3]")
+        for key, values in grid.items():
+            section = key.split(".", 1)[0]
+            if section not in ("model", "train") or "." not in key:
+                raise ValueError(f"cv.grid key {key!r} must name a model.* or train.* field")
+            if not values:
+                raise ValueError(f"cv.grid.{key} is empty; give at least one value")
+        return grid
+
+
+class ExportConfig(_Strict):
+    parity_atol: float = Field(1e-4, gt=0)
+    parity_batch: int = Field(256, gt=0)
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; $MLFLOW_TRACKING_URI wins, default sqlite under mlflow/")
+    experiment: str | None = Field(None, description="default: vitflow-<study name>")
+    registered_model: str = "vit-mnist"
+    champion_margin: float = Field(0.0, ge=0, description="accuracy gain needed to move the champion alias")
+
+
+class StudyConfig(_Strict):
+    name: str = "study"
+    description: str = ""
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cv: CVConfig = Field(default_factory=CVConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _grid_points_valid(self) -> "StudyConfig":
+        # Every grid point must itself be a valid configuration: fail now, not after hours of CV.
+        for key in self.cv.grid:
+            section, name = key.split(".", 1)
+            if name not in type(getattr(self, section)).model_fields:
+                raise ValueError(f"cv.grid key {key!r} is not a known field of {section}")
+        for overrides in grid_points(self.cv.grid):
+            try:
+                self._apply(overrides)
+            except ValidationError as exc:
+                raise ValueError(f"cv.grid point {_label(overrides)}: {_first_error(exc)}") from None
+        return self
+
+    def _apply(self, overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
+        raw = {"model": self.model.model_dump(), "train": self.train.model_dump()}
+        for key, value in overrides.items():
+            section, name = key.split(".", 1)
+            raw[section][name] = value
+        return ModelConfig.model_validate(raw["model"]), TrainConfig.model_validate(raw["train"])
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or f"vitflow-{self.name}"
+
+    def candidates(self) -> list["Candidate"]:
+        """The grid expanded into concrete configurations, in a stable order."""
+        out = []
+        for overrides in grid_points(self.cv.grid):
+            model, train = self._apply(overrides)
+            out.append(Candidate(label=_label(overrides), overrides=overrides, model=model, train=train))
+        return out
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Candidate(_Strict):
+    """One point of the model-selection grid."""
+
+    label: str
+    overrides: dict[str, Any]
+    model: ModelConfig
+    train: TrainConfig
+
+
+_SHORT = {"model.depth": "blocks", "model.mlp_hidden": "mlp", "model.dim": "dim", "model.heads": "heads",
+          "train.lr": "lr", "model.patch_size": "patch", "model.dropout": "dropout"}
+
+
+def _label(overrides: dict[str, Any]) -> str:
+    if not overrides:
+        return "default"
+    return " ".join(f"{_SHORT.get(k, k.split('.')[-1])}={v}" for k, v in overrides.items())
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    if key.startswith("cv.grid."):  # grid keys are dotted themselves: cv.grid.model.depth=[2,3]
+        cv = raw.setdefault("cv", {}) or {}
+        raw["cv"] = cv
+        cv.setdefault("grid", {})[key.removeprefix("cv.grid.")] = value
+        return
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part!r} is a value, not a section; fix the override key")
+        node = child
+    node[parts[-1]] = value
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {field!r} (value {err['input']!r}); check the spelling against configs/seed.yaml"
+    if field:
+        return f"{field}={err['input']!r}: {msg}"
+    return msg
+
+
+def resolve_preset(name_or_path: str | os.PathLike) -> Path:
+    """A preset name (``seed``) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file {str(path)!r} does not exist; presets: {', '.join(list_presets())}")
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.exists():
+        raise ConfigError(f"unknown preset {str(name_or_path)!r}; choose one of: {', '.join(list_presets())}")
+    return preset
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not key=value; example: --set train.epochs=2")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
+
+
+def load_config(name_or_path: str | os.PathLike = "seed", overrides: list[str] | None = None) -> StudyConfig:
+    """Load a preset or YAML file, apply ``key=value`` overrides, validate. Raises ConfigError (one line)."""
+    path = resolve_preset(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(raw, overrides)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> StudyConfig:
+    raw = copy.deepcopy(raw)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {_first_error(exc)}") from None

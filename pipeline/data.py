@@ -1,0 +1,138 @@
+"""MNIST through torchvision, held in memory as uint8 tensors; stratified subsets and folds from scikit-learn."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedKFold, train_test_split
+from torch import Tensor
+from torchvision.datasets import MNIST as _TorchvisionMNIST
+from torchvision.datasets.utils import calculate_md5
+
+from pipeline.config import DATA_DIR_ENV, DataConfig
+
+# MD5 of the four uncompressed files (torchvision's layout: <root>/MNIST/raw/<name>). Checking the content
+# rather than the .gz archive lets any faithful mirror serve them, whatever its gzip settings.
+RAW_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+
+
+class DataError(RuntimeError):
+    """MNIST is missing, unreachable or corrupt; the message says which file and what to do."""
+
+
+class MNIST(_TorchvisionMNIST):
+    """torchvision's MNIST with configurable mirrors; archive checksums are replaced by RAW_MD5 on the content."""
+
+    resources = [(f"{name}.gz", None) for name in RAW_MD5]
+
+    def __init__(self, *args, mirrors: list[str] | None = None, **kwargs) -> None:
+        if mirrors:
+            self.mirrors = [m if m.endswith("/") else m + "/" for m in mirrors]
+        super().__init__(*args, **kwargs)
+
+
+@dataclass
+class MnistTensors:
+    """The data set in memory: images uint8 (N, 1, 28, 28), labels int64 (N,)."""
+
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+    root: Path
+    md5: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return f"{len(self.train_labels)} training / {len(self.test_labels)} test images from {self.root}"
+
+
+def raw_dir(root: Path) -> Path:
+    return Path(root) / "MNIST" / "raw"
+
+
+def _where_to_put(root: Path) -> str:
+    return (f"put the four files ({', '.join(RAW_MD5)}) in {raw_dir(root)}, or point ${DATA_DIR_ENV} at a folder "
+            f"that holds MNIST/raw/")
+
+
+def verify(root: Path) -> dict[str, str]:
+    """MD5 of each raw file, checked against the published values; DataError names the first bad file."""
+    digests = {}
+    for name, expected in RAW_MD5.items():
+        path = raw_dir(root) / name
+        if not path.is_file():
+            raise DataError(f"MNIST file missing: {path}; {_where_to_put(root)}")
+        digest = calculate_md5(str(path))
+        if digest != expected:
+            raise DataError(f"MNIST file corrupt: {path} has md5 {digest}, expected {expected}; delete it and run "
+                            f"again with data.download enabled, or replace it with an intact copy")
+        digests[name] = digest
+    return digests
+
+
+def acquire(cfg: DataConfig) -> tuple[Path, dict[str, str]]:
+    """Make sure the four MNIST files are present and intact under the data root; download missing ones."""
+    root = cfg.resolved_root()
+    missing = [name for name in RAW_MD5 if not (raw_dir(root) / name).is_file()]
+    if missing:
+        if not cfg.download:
+            raise DataError(f"MNIST not found ({', '.join(missing)} missing) and data.download is off; "
+                            f"{_where_to_put(root)}")
+        try:
+            for train in (True, False):
+                MNIST(str(root), train=train, download=True, mirrors=cfg.mirrors)
+        except Exception as exc:  # network, permissions, disk: all end in the same advice
+            for partial in raw_dir(root).glob("*.gz"):
+                partial.unlink(missing_ok=True)  # never leave a truncated archive for the next attempt to trust
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"could not download MNIST into {raw_dir(root)} ({reason}); without network, "
+                            f"{_where_to_put(root)}") from exc
+        for archive in raw_dir(root).glob("*.gz"):
+            archive.unlink()
+    return root, verify(root)
+
+
+def stratified_subset(labels: Tensor, size: int | None, seed: int) -> Tensor:
+    """Indices of a class-balanced subset of ``size`` items (all indices when size is None or too large)."""
+    n = len(labels)
+    if size is None or size >= n:
+        return torch.arange(n)
+    idx, _ = train_test_split(np.arange(n), train_size=size, stratify=labels.numpy(), random_state=seed)
+    return torch.from_numpy(np.sort(idx))
+
+
+def load(cfg: DataConfig, root: Path | None = None, md5: dict[str, str] | None = None) -> MnistTensors:
+    """The data set as in-memory tensors (acquiring it first unless ``root`` is given)."""
+    if root is None:
+        root, md5 = acquire(cfg)
+    sets = {}
+    for split, train in (("train", True), ("test", False)):
+        ds = MNIST(str(root), train=train, download=False)
+        sets[split] = (ds.data.unsqueeze(1).contiguous(), ds.targets.long())
+    train_idx = stratified_subset(sets["train"][1], cfg.train_subset, cfg.subset_seed)
+    test_idx = stratified_subset(sets["test"][1], cfg.test_subset, cfg.subset_seed)
+    return MnistTensors(
+        train_images=sets["train"][0][train_idx], train_labels=sets["train"][1][train_idx],
+        test_images=sets["test"][0][test_idx], test_labels=sets["test"][1][test_idx],
+        root=Path(root), md5=dict(md5 or {}),
+    )
+
+
+def stratified_folds(labels: Tensor, folds: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+    """(train_indices, validation_indices) per fold, from scikit-learn's shuffled StratifiedKFold."""
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    y = labels.numpy()
+    return [(torch.from_numpy(tr), torch.from_numpy(va)) for tr, va in splitter.split(np.zeros(len(y)), y)]
+
+
+def default_data_root() -> str:
+    return os.environ.get(DATA_DIR_ENV) or "data"

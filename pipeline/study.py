@@ -1,0 +1,198 @@
+"""The study's steps as plain functions (cross-validate one fold, aggregate, retrain, export, evaluate, register).
+flows/ chains them as Prefect tasks; a notebook or a test can call them directly."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline import plots
+from pipeline.config import Candidate, StudyConfig
+from pipeline.data import MnistTensors, stratified_folds
+from pipeline.export import export_onnx
+from pipeline.inference import OnnxClassifier, evaluate_onnx, preferred_providers
+from pipeline.model import build_model, count_parameters
+from pipeline.tracking import Tracker, flatten, git_commit, package_versions, promote
+from pipeline.train import FitResult, fit, resolve_device, to_pixels
+
+ROLE = "vitflow.role"
+
+
+@dataclass
+class Study:
+    """Everything the steps share: the validated config, the data in memory, the folds and the tracker."""
+
+    cfg: StudyConfig
+    data: MnistTensors
+    tracker: Tracker
+    run_id: str = ""
+    folds: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
+    selected: str = ""
+
+    def __post_init__(self) -> None:
+        self.candidates = self.cfg.candidates()
+        self.folds = stratified_folds(self.data.train_labels, self.cfg.cv.folds, self.cfg.cv.seed)
+
+
+def study_tags(study: Study, device: str) -> dict[str, Any]:
+    tags = {ROLE: "study", "git_commit": git_commit(), "device": device, "preset": study.cfg.name,
+            "config_fingerprint": study.cfg.fingerprint(), "data_root": str(study.data.root)}
+    tags.update({f"data_md5.{name}": digest for name, digest in study.data.md5.items()})
+    tags.update({f"version.{name}": v for name, v in package_versions().items()})
+    return tags
+
+
+def start_study(study: Study) -> str:
+    device = str(resolve_device(study.cfg.train.device))
+    params = flatten("", study.cfg.model_dump(mode="json"))
+    params.update({"data.train_images": len(study.data.train_labels), "data.test_images": len(study.data.test_labels),
+                   "cv.candidates": len(study.candidates)})
+    study.run_id = study.tracker.start_run(f"{study.cfg.name} study", tags=study_tags(study, device), params=params)
+    return study.run_id
+
+
+def start_configuration(study: Study, index: int) -> str:
+    cand = study.candidates[index]
+    params = {"label": cand.label, "parameters": count_parameters(build_model(cand.model)),
+              **flatten("model", cand.model.model_dump(mode="json")),
+              **flatten("train", cand.train.model_dump(mode="json"))}
+    return study.tracker.start_run(cand.label, parent_id=study.run_id, params=params,
+                                   tags={ROLE: "configuration", "configuration": cand.label,
+                                         "candidate_index": index})
+
+
+def fold_seed(study: Study, fold_index: int) -> int:
+    # Same seed per fold index for every configuration: configurations are compared on equal footing.
+    return study.cfg.train.seed + 1000 * (fold_index + 1)
+
+
+def train_fold(study: Study, index: int, fold_index: int, configuration_run_id: str) -> dict[str, Any]:
+    """Train one configuration on one fold; per-epoch metrics go to a fold run under the configuration's run."""
+    cand = study.candidates[index]
+    k = study.cfg.cv.folds
+    train_idx, val_idx = study.folds[fold_index]
+    x, y = study.data.train_images, study.data.train_labels
+    name = f"fold {fold_index + 1}/{k}"
+    with study.tracker.run(name, parent_id=configuration_run_id,
+                           tags={ROLE: "fold", "configuration": cand.label, "fold_index": fold_index},
+                           params={"fold_index": fold_index, "folds": k, "seed": fold_seed(study, fold_index),
+                                   "train_images": len(train_idx), "val_images": len(val_idx)}) as run_id:
+        result = fit(cand.model, cand.train, x[train_idx], y[train_idx], {"val": (x[val_idx], y[val_idx])},
+                     seed=fold_seed(study, fold_index), desc=f"{cand.label} {name}",
+                     callback=lambda epoch, m: study.tracker.log_metrics(run_id, m, step=epoch))
+        study.tracker.log_metrics(run_id, {"fit_seconds": result.seconds})
+    return {"candidate_index": index, "fold_index": fold_index, "run_id": run_id, "history": result.history,
+            "parameters": count_parameters(result.model), "seconds": result.seconds, **result.final}
+
+
+def aggregate(study: Study, fold_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Leaderboard: mean and std (over folds, ddof=1) of the final-epoch metrics per configuration, best first.
+    Ties on mean validation error go to the configuration with fewer parameters."""
+    rows = []
+    for index, cand in enumerate(study.candidates):
+        results = sorted((r for r in fold_results if r["candidate_index"] == index), key=lambda r: r["fold_index"])
+        if len(results) != study.cfg.cv.folds:
+            raise RuntimeError(f"configuration {cand.label!r} has {len(results)} of {study.cfg.cv.folds} folds")
+        row: dict[str, Any] = {"candidate_index": index, "label": cand.label, "overrides": cand.overrides,
+                               "parameters": results[0]["parameters"]}
+        for metric in ("train_loss", "train_error", "val_loss", "val_error"):
+            values = np.array([r[metric] for r in results])
+            row[f"{metric}_mean"] = float(values.mean())
+            row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        row["fold_val_errors"] = [r["val_error"] for r in results]
+        row["fold_histories"] = [r["history"] for r in results]
+        rows.append(row)
+    rows.sort(key=lambda r: (round(r["val_error_mean"], 12), r["parameters"], r["candidate_index"]))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+def close_configuration(study: Study, row: dict[str, Any], run_id: str) -> None:
+    metrics = {k: v for k, v in row.items() if k.endswith(("_mean", "_std"))}
+    metrics["rank"] = row["rank"]
+    study.tracker.log_metrics(run_id, metrics)
+    study.tracker.set_tags(run_id, {"selected": str(row["rank"] == 1).lower()})
+    study.tracker.end_run(run_id)
+
+
+def retrain(study: Study, leaderboard: list[dict[str, Any]]) -> tuple[FitResult, str]:
+    """Retrain the selected configuration on all training images, evaluating on the test set every epoch.
+    The ``final`` run stays open for export, evaluation and registration to log into."""
+    best = study.candidates[leaderboard[0]["candidate_index"]]
+    study.selected = best.label
+    run_id = study.tracker.start_run(
+        "final", parent_id=study.run_id,
+        tags={ROLE: "final", "configuration": best.label},
+        params={"configuration": best.label, **flatten("model", best.model.model_dump(mode="json")),
+                **flatten("train", best.train.model_dump(mode="json")),
+                "train_images": len(study.data.train_labels), "test_images": len(study.data.test_labels)})
+    data = study.data
+    result = fit(best.model, best.train, data.train_images, data.train_labels,
+                 {"test": (data.test_images, data.test_labels)}, seed=study.cfg.train.seed,
+                 desc=f"final {best.label}", callback=lambda epoch, m: study.tracker.log_metrics(run_id, m, epoch))
+    study.tracker.log_metrics(run_id, {"fit_seconds": result.seconds, "parameters": count_parameters(result.model),
+                                       "torch_test_accuracy": 1 - result.final["test_error"]})
+    study.tracker.log_figure(run_id, plots.model_selection(leaderboard, best.label), "figures/model_selection.png")
+    study.tracker.log_figure(run_id, plots.learning_curves(
+        result.history, f"Final model ({best.label}) trained on {len(data.train_labels)} images"),
+        "figures/learning_curves.png")
+    return result, run_id
+
+
+def export(study: Study, result: FitResult, run_id: str, directory: str | os.PathLike) -> tuple[Path, dict]:
+    """ONNX file for the final model, parity-checked against PyTorch on real test images."""
+    path = Path(directory) / f"{study.run_id}.onnx"
+    sample = to_pixels(study.data.test_images[: study.cfg.export.parity_batch])
+    figures = export_onnx(result.model, path, sample, atol=study.cfg.export.parity_atol,
+                          metadata={"study_run_id": study.run_id, "final_run_id": run_id,
+                                    "configuration": study.selected})
+    study.tracker.log_metrics(run_id, figures)
+    return path, figures
+
+
+def evaluate(study: Study, onnx_path: Path, run_id: str) -> dict[str, Any]:
+    """Test-set accuracy through ONNX Runtime, the provider that ran, and the confusion matrix."""
+    labels = study.data.test_labels.numpy()
+    report = evaluate_onnx(onnx_path, study.data.test_images.numpy(), labels)
+    study.tracker.log_metrics(run_id, {"test_accuracy": report["test_accuracy"], "test_error": report["test_error"],
+                                       "onnx_images_per_second": report["images_per_second"]})
+    study.tracker.set_tags(run_id, {"onnxruntime_provider": report["provider"]})
+    study.tracker.set_tags(study.run_id, {"onnxruntime_provider": report["provider"]})
+    study.tracker.log_figure(run_id, plots.confusion_matrix(labels, report["predictions"],
+                                                            "Test confusion matrix (ONNX Runtime)"),
+                             "figures/confusion_matrix.png")
+    return {k: v for k, v in report.items() if k != "predictions"}
+
+
+def register(study: Study, onnx_path: Path, run_id: str, report: dict[str, Any]) -> dict[str, Any]:
+    """Log the ONNX model into the final run, register a new version, and move the aliases."""
+    import mlflow
+    import onnx
+    from mlflow.models import infer_signature
+
+    sample = to_pixels(study.data.test_images[:4]).numpy()
+    signature = infer_signature(sample, OnnxClassifier(onnx_path, device="cpu").logits(sample))
+    name = study.cfg.tracking.registered_model
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name=name,
+                                     signature=signature, input_example=sample[:2], save_as_external_data=False,
+                                     onnx_execution_providers=preferred_providers())
+    study.tracker.end_run(run_id)  # start_run's exit finished it; keep the tracker's bookkeeping in step
+    version = str(info.registered_model_version)
+    client = study.tracker.client
+    for key, value in {"test_accuracy": report["test_accuracy"], "study_run_id": study.run_id,
+                       "final_run_id": run_id, "onnxruntime_provider": report["provider"],
+                       "preset": study.cfg.name}.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    decision = promote(client, name, version, report["test_accuracy"], study.cfg.tracking.champion_margin)
+    study.tracker.set_tags(study.run_id, {"registered_model": name, "registered_version": version,
+                                          "alias": decision["alias"], "alias_reason": decision["reason"]})
+    return {"model_name": name, "model_uri": f"models:/{name}/{version}", **decision}

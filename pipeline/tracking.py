@@ -1,0 +1,216 @@
+"""MLflow helpers: the store, the experiment, the run tree (study -> configuration -> fold, study -> final),
+run hygiene (no run left RUNNING) and the model registry with champion/challenger aliases."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import TrackingConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_STORE = PROJECT_ROOT / "mlflow"
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    """$MLFLOW_TRACKING_URI, else the config's, else SQLite in the project's mlflow/ folder."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
+    if uri:
+        return uri
+    DEFAULT_STORE.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Next to a local SQLite database, artifacts go to its artifacts/ folder (not ./mlruns of the cwd)."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite":
+        return None  # a tracking server decides where artifacts live
+    db = Path(uri.removeprefix("sqlite:///"))
+    return (db.resolve().parent / "artifacts").as_uri()
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in ("torch", "torchvision", "prefect", "mlflow", "onnx", "onnxruntime-gpu", "onnxruntime",
+                 "scikit-learn", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    out["python"] = platform.python_version()
+    return out
+
+
+def git_commit() -> str:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                                timeout=5, check=False)
+        commit = result.stdout.strip()
+        if commit:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                                   capture_output=True, text=True, timeout=5, check=False).stdout.strip()
+            return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """{'model': {'dim': 8}} -> {'model.dim': 8}; lists become JSON."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), sub))
+        return out
+    return {prefix: json.dumps(value) if isinstance(value, (list, tuple)) else value}
+
+
+class Tracker:
+    """Thread-safe logging through MlflowClient (fold tasks run in threads); remembers which runs it opened so
+    that a crash can close every one of them as FAILED or KILLED."""
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        self.uri = uri
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_name = experiment
+        self.experiment_id = self._ensure_experiment(experiment)
+        self._open: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _ensure_experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=_artifact_location(self.uri))
+        except MlflowException:  # created concurrently by another process
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, Any] | None = None,
+                  params: dict[str, Any] | None = None) -> str:
+        all_tags = {k: str(v) for k, v in (tags or {}).items()}
+        if parent_id:
+            all_tags["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run_id = run.info.run_id
+        with self._lock:
+            self._open.add(run_id)
+        if params:
+            self.log_params(run_id, params)
+        return run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+        with self._lock:
+            self._open.discard(run_id)
+
+    @contextmanager
+    def run(self, name: str, parent_id: str | None = None, **kwargs: Any) -> Iterator[str]:
+        """A run that ends FINISHED, FAILED on an exception, KILLED on an interrupt."""
+        run_id = self.start_run(name, parent_id, **kwargs)
+        try:
+            yield run_id
+        except BaseException as exc:
+            self.end_run(run_id, failure_status(exc))
+            raise
+        self.end_run(run_id)
+
+    def close_open_runs(self, status: str) -> list[str]:
+        """End every run this tracker opened and has not ended (the crash path)."""
+        with self._lock:
+            pending = list(self._open)
+        for run_id in pending:
+            try:
+                self.end_run(run_id, status)
+            except MlflowException:
+                pass
+        return pending
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.client.log_batch(run_id, metrics=items, synchronous=True)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+
+    def log_figure(self, run_id: str, figure: Any, path: str) -> None:
+        import matplotlib.pyplot as plt
+
+        self.client.log_figure(run_id, figure, path)
+        plt.close(figure)
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self.client.log_text(run_id, text, path)
+
+    def log_dict(self, run_id: str, data: dict[str, Any], path: str) -> None:
+        self.client.log_dict(run_id, data, path)
+
+
+def failure_status(exc: BaseException) -> str:
+    return RunStatus.to_string(RunStatus.KILLED if isinstance(exc, (KeyboardInterrupt, SystemExit))
+                               else RunStatus.FAILED)
+
+
+def latest_alias_version(client: MlflowClient, model_name: str, alias: str) -> Any | None:
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+
+
+def promote(client: MlflowClient, model_name: str, version: str, accuracy: float, margin: float) -> dict[str, Any]:
+    """Champion/challenger: the new version becomes champion only if it beats the champion's test accuracy by
+    more than ``margin``; otherwise it is the challenger. Returns the decision with both accuracies and why."""
+    champion = latest_alias_version(client, model_name, CHAMPION)
+    champion_accuracy = None
+    if champion is not None:
+        raw = champion.tags.get("test_accuracy")
+        champion_accuracy = float(raw) if raw is not None else None
+    if champion is None:
+        alias, reason = CHAMPION, "no champion yet"
+    elif champion_accuracy is None:
+        alias, reason = CHAMPION, f"champion v{champion.version} has no recorded test accuracy"
+    elif accuracy > champion_accuracy + margin:
+        alias, reason = CHAMPION, (f"test accuracy {accuracy:.4f} beats champion v{champion.version} "
+                                   f"({champion_accuracy:.4f}) by more than {margin:.4f}")
+    else:
+        alias, reason = CHALLENGER, (f"test accuracy {accuracy:.4f} does not beat champion v{champion.version} "
+                                     f"({champion_accuracy:.4f}) by more than {margin:.4f}")
+    client.set_registered_model_alias(model_name, alias, version)
+    decision = {
+        "alias": alias, "version": str(version), "test_accuracy": accuracy, "reason": reason,
+        "previous_champion_version": champion.version if champion is not None else None,
+        "previous_champion_accuracy": champion_accuracy,
+    }
+    for key, value in (("decision", alias), ("decision_reason", reason),
+                       ("previous_champion_version", decision["previous_champion_version"]),
+                       ("previous_champion_accuracy", champion_accuracy)):
+        client.set_model_version_tag(model_name, version, key, "none" if value is None else str(value))
+    return decision

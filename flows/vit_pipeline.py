@@ -26,7 +26,19 @@ from pipeline.train import configure_threads, resolve_device  # noqa: E402
 MAX_FOLD_WORKERS = 16
 
 
-@task(name="acquire-data", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def _retry_download_only(task, task_run, state) -> bool:
+    """Retry network failures; a missing file with downloads off, or a corrupt file, will not heal by waiting."""
+    try:
+        state.result()
+    except data_lib.DownloadError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(name="acquire-data", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_download_only,
+      cache_policy=NO_CACHE)
 def acquire_data(data_cfg: DataConfig) -> tuple[Path, dict[str, str]]:
     """Download MNIST when missing (torchvision, retried on network errors), then verify every file's md5."""
     root, md5 = data_lib.acquire(data_cfg)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,10 @@ RAW_MD5 = {
 
 class DataError(RuntimeError):
     """MNIST is missing, unreachable or corrupt; the message says which file and what to do."""
+
+
+class DownloadError(DataError):
+    """The download itself failed (network, mirror); worth retrying, unlike a missing or corrupt file."""
 
 
 class MNIST(_TorchvisionMNIST):
@@ -94,7 +97,7 @@ def acquire(cfg: DataConfig) -> tuple[Path, dict[str, str]]:
             for partial in raw_dir(root).glob("*.gz"):
                 partial.unlink(missing_ok=True)  # never leave a truncated archive for the next attempt to trust
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(f"could not download MNIST into {raw_dir(root)} ({reason}); without network, "
+            raise DownloadError(f"could not download MNIST into {raw_dir(root)} ({reason}); without network, "
                             f"{_where_to_put(root)}") from exc
         for archive in raw_dir(root).glob("*.gz"):
             archive.unlink()
@@ -133,6 +136,3 @@ def stratified_folds(labels: Tensor, folds: int, seed: int) -> list[tuple[Tensor
     y = labels.numpy()
     return [(torch.from_numpy(tr), torch.from_numpy(va)) for tr, va in splitter.split(np.zeros(len(y)), y)]
 
-
-def default_data_root() -> str:
-    return os.environ.get(DATA_DIR_ENV) or "data"

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# MLflow tracking server over this folder's store: SQLite backend + artifacts/ here, one worker, job execution
+# off (light enough for 2 cores), loopback only unless MLFLOW_HOST says otherwise.
+#   mlflow/server.sh                 # http://127.0.0.1:5000
+#   MLFLOW_PORT=5050 mlflow/server.sh
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+host="${MLFLOW_HOST:-127.0.0.1}"
+port="${MLFLOW_PORT:-5000}"
+mlflow_bin="${MLFLOW_BIN:-$(dirname "$here")/.venv/bin/mlflow}"
+[ -x "$mlflow_bin" ] || mlflow_bin="$(command -v mlflow)"
+if (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; then
+  echo "mlflow/server.sh: port $port on $host is already in use; choose another with MLFLOW_PORT=..." >&2
+  exit 1
+fi
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
+exec "$mlflow_bin" server --host "$host" --port "$port" --workers 1 \
+  --backend-store-uri "sqlite:///$here/mlflow.db" \
+  --artifacts-destination "$here/artifacts" --serve-artifacts

@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, config_from_dict, list_presets, load_config
+
+from .conftest import REPO, run_cli
+
+
+def test_seed_preset_is_the_original_study():
+    cfg = load_config("seed")
+    m, t = cfg.model, cfg.train
+    assert (m.image_size, m.patch_size, m.dim, m.heads, m.pos_embedding) == (28, 4, 8, 2, "sinusoidal")
+    assert (t.optimizer, t.lr, t.epochs, t.batch_size) == ("adam", 0.005, 5, 128)
+    assert cfg.cv.folds == 3
+    assert cfg.cv.grid == {"model.depth": [2, 3], "model.mlp_hidden": [16, 32]}
+    labels = [c.label for c in cfg.candidates()]
+    assert labels == ["blocks=2 mlp=16", "blocks=2 mlp=32", "blocks=3 mlp=16", "blocks=3 mlp=32"]
+    assert [(c.model.depth, c.model.mlp_hidden) for c in cfg.candidates()] == [(2, 16), (2, 32), (3, 16), (3, 32)]
+
+
+def test_every_preset_loads():
+    assert {"seed", "smoke"} <= set(list_presets())
+    for name in list_presets():
+        load_config(name)
+
+
+def test_overrides_are_typed_and_reach_grid():
+    cfg = load_config("seed", ["train.epochs=2", "train.lr=1e-3", "cv.grid.model.depth=[1,4]", "data.download=false"])
+    assert cfg.train.epochs == 2 and cfg.train.lr == pytest.approx(1e-3) and cfg.data.download is False
+    assert cfg.cv.grid["model.depth"] == [1, 4]
+
+
+def test_config_file_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"name": "mine", "cv": {"folds": 2, "grid": {"model.dim": [8, 16]}}}))
+    cfg = load_config(path)
+    assert cfg.name == "mine" and len(cfg.candidates()) == 2
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.heads=3", "model.heads=3 must divide model.dim=8"),
+    ("model.patch_size=5", "model.patch_size=5 must divide model.image_size=28"),
+    ("cv.folds=1", "cv.folds=1"),
+    ("cv.grid={}", "cv.grid is empty"),
+    ("cv.grid.model.depth=[]", "cv.grid.model.depth is empty"),
+    ("model.colour=3", "unknown key 'model.colour'"),
+    ("train.lr=-0.1", "train.lr=-0.1"),
+    ("train.epochs=many", "train.epochs='many'"),
+    ("cv.grid.model.heads=[2,3]", "cv.grid point heads=3: model.heads=3 must divide model.dim=8"),
+    ("cv.grid.model.bogus=[1]", "'model.bogus' is not a known field"),
+])
+def test_invalid_configuration_is_one_clear_line(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config("seed", [override])
+    message = str(info.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_unknown_preset_and_bad_override_syntax():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; choose one of: .*seed"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config("seed", ["train.epochs"])
+    with pytest.raises(ConfigError, match="unknown key 'surprise'"):
+        config_from_dict({"surprise": 1})
+
+
+def test_cli_rejects_bad_config_before_any_work(tmp_path):
+    import os
+
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PREFECT_HOME=str(tmp_path))
+    result = run_cli(["run", "--set", "model.heads=3"], env, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.heads=3 must divide model.dim=8" in lines[0], result.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was started

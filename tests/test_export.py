@@ -1,0 +1,45 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.export import ExportError, export_onnx
+from pipeline.inference import OnnxClassifier, evaluate_onnx
+from pipeline.train import evaluate, fit, to_pixels
+
+
+@pytest.fixture(scope="module")
+def trained(mnist):
+    return fit(ModelConfig(depth=2), TrainConfig(epochs=1, device="cpu"), mnist.train_images[:2000],
+               mnist.train_labels[:2000], seed=0, progress=False).model
+
+
+def test_export_parity_and_dynamic_batch(trained, mnist, tmp_path):
+    path = tmp_path / "vit.onnx"
+    figures = export_onnx(trained, path, to_pixels(mnist.test_images[:256]))
+    assert figures["parity_max_abs_diff"] <= 1e-4
+    onnx.checker.check_model(str(path))
+    assert not list(tmp_path.glob("*.data"))  # one self-contained file
+    clf = OnnxClassifier(path)
+    assert clf.provider == "CPUExecutionProvider"
+    for n in (1, 7, 300):
+        assert clf.logits(to_pixels(mnist.test_images[:n]).numpy()).shape == (n, 10)
+
+
+def test_onnx_accuracy_equals_pytorch(trained, mnist, tmp_path):
+    path = tmp_path / "vit.onnx"
+    export_onnx(trained, path, to_pixels(mnist.test_images[:64]))
+    _, torch_error = evaluate(trained, mnist.test_images, mnist.test_labels)
+    report = evaluate_onnx(path, mnist.test_images.numpy(), mnist.test_labels.numpy())
+    assert report["test_accuracy"] == pytest.approx(1 - torch_error, abs=1e-4)
+    with torch.inference_mode():
+        torch_pred = trained(to_pixels(mnist.test_images[:2000])).argmax(1).numpy()
+    assert (report["predictions"][:2000] == torch_pred).mean() >= 0.9995
+
+
+def test_failed_parity_leaves_no_file(trained, mnist, tmp_path):
+    path = tmp_path / "vit.onnx"
+    with pytest.raises(ExportError, match="differ from PyTorch"):
+        export_onnx(trained, path, to_pixels(mnist.test_images[:64]), atol=1e-12)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,121 @@
+"""End to end: the smoke preset through the real CLI -> Prefect flow -> MLflow (SQLite) -> ONNX -> registry."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROLE = "tags.`vitflow.role`"
+
+
+def _runs(client, experiment_id, role, extra=""):
+    return client.search_runs([experiment_id], filter_string=f"{ROLE} = '{role}'{extra}", max_results=500)
+
+
+def test_cli_prints_summary(smoke_runs):
+    first, _ = smoke_runs
+    out = first.stdout
+    assert "Study 'smoke' (2 configurations x 2-fold CV" in out
+    assert "<- selected" in out and "Test accuracy (ONNX Runtime, CPUExecutionProvider)" in out
+    assert "Registered:      models:/vit-mnist-smoke/1 -> @champion (no champion yet)" in out
+    assert "Wall time:" in out and "study run" in out
+
+
+def test_run_tree(mlflow_client):
+    exp = mlflow_client.get_experiment_by_name("vitflow-smoke")
+    assert exp.artifact_location.startswith("file://") and "mlruns" not in exp.artifact_location
+    studies = _runs(mlflow_client, exp.experiment_id, "study")
+    assert len(studies) == 2
+    study = studies[-1]  # the first run
+    assert study.info.status == "FINISHED"
+    tags = study.data.tags
+    assert tags["data_md5.train-images-idx3-ubyte"] == "6bbc9ace898e44ae57da46a324031adb"
+    assert tags["git_commit"] and tags["device"] == "cpu" and tags["version.torch"]
+    assert tags["onnxruntime_provider"] == "CPUExecutionProvider"
+    assert study.data.metrics["test_accuracy"] > 0
+
+    sid = study.info.run_id
+    configs = _runs(mlflow_client, exp.experiment_id, "configuration", f" and tags.mlflow.parentRunId = '{sid}'")
+    assert sorted(r.info.run_name for r in configs) == ["blocks=1", "blocks=2"]
+    for cfg_run in configs:
+        assert cfg_run.info.status == "FINISHED"
+        assert {"val_error_mean", "val_error_std", "train_error_mean", "rank"} <= set(cfg_run.data.metrics)
+        folds = mlflow_client.search_runs([exp.experiment_id],
+                                          f"tags.mlflow.parentRunId = '{cfg_run.info.run_id}'")
+        assert sorted(r.info.run_name for r in folds) == ["fold 1/2", "fold 2/2"]
+        for fold in folds:
+            assert fold.info.status == "FINISHED"
+            history = mlflow_client.get_metric_history(fold.info.run_id, "val_error")
+            assert [m.step for m in history] == [1]  # one point per epoch
+            assert {"train_loss", "train_error", "val_loss"} <= set(fold.data.metrics)
+    selected = [r for r in configs if r.data.tags["selected"] == "true"]
+    assert len(selected) == 1 and selected[0].data.metrics["rank"] == 1
+
+    finals = _runs(mlflow_client, exp.experiment_id, "final", f" and tags.mlflow.parentRunId = '{sid}'")
+    assert len(finals) == 1
+    final = finals[0]
+    assert final.info.status == "FINISHED"
+    assert final.data.tags["configuration"] == selected[0].info.run_name
+    assert [m.step for m in mlflow_client.get_metric_history(final.info.run_id, "test_error")] == [1]
+    figures = {f.path for f in mlflow_client.list_artifacts(final.info.run_id, "figures")}
+    assert figures == {"figures/model_selection.png", "figures/learning_curves.png", "figures/confusion_matrix.png"}
+    assert final.data.metrics["parity_max_abs_diff"] <= 1e-4
+    # ONNX Runtime accuracy equals PyTorch's on the same weights
+    assert final.data.metrics["test_accuracy"] == pytest.approx(final.data.metrics["torch_test_accuracy"], abs=0.0021)
+
+
+def test_figures_are_real_pngs(mlflow_client, tmp_path):
+    exp = mlflow_client.get_experiment_by_name("vitflow-smoke")
+    final = _runs(mlflow_client, exp.experiment_id, "final")[0]
+    local = mlflow_client.download_artifacts(final.info.run_id, "figures", str(tmp_path))
+    from PIL import Image
+
+    for name in ("model_selection.png", "learning_curves.png", "confusion_matrix.png"):
+        with Image.open(f"{local}/{name}") as image:
+            assert image.format == "PNG" and image.width >= 500 and image.height >= 300
+
+
+def test_registered_model_and_aliases(mlflow_client, smoke_runs):
+    import mlflow.pyfunc
+
+    versions = mlflow_client.search_model_versions("name = 'vit-mnist-smoke'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    champion = mlflow_client.get_model_version_by_alias("vit-mnist-smoke", "champion")
+    v1 = mlflow_client.get_model_version("vit-mnist-smoke", "1")
+    v2 = mlflow_client.get_model_version("vit-mnist-smoke", "2")
+    assert v1.tags["decision"] == "champion" and v1.tags["decision_reason"] == "no champion yet"
+    acc1, acc2 = float(v1.tags["test_accuracy"]), float(v2.tags["test_accuracy"])
+    if acc2 > acc1:
+        assert champion.version == "2" and v2.tags["decision"] == "champion"
+    else:
+        assert champion.version == "1" and v2.tags["decision"] == "challenger"
+        assert mlflow_client.get_model_version_by_alias("vit-mnist-smoke", "challenger").version == "2"
+        assert "does not beat champion v1" in v2.tags["decision_reason"]
+    # The registered ONNX model loads through the registry and predicts like the exported file.
+    model = mlflow.pyfunc.load_model("models:/vit-mnist-smoke@champion")
+    batch = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+    out = model.predict(batch)
+    assert out["logits"].shape == (3, 10)
+
+
+def test_exported_file_is_self_contained(smoke_runs):
+    first, _ = smoke_runs
+    line = next(l for l in first.stdout.splitlines() if l.startswith("ONNX model:"))
+    path = line.split(":", 1)[1].strip()
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 28, 28]
+
+
+def test_missing_data_fails_clearly_before_training(session_env, tmp_path):
+    from .conftest import run_cli
+
+    env = dict(session_env, VITFLOW_DATA_DIR=str(tmp_path / "nothing-here"))
+    result = run_cli(["run", "--config", "smoke", "--set", "data.download=false"], env, timeout=300)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("vitflow: MNIST not found") and "nothing-here/MNIST/raw" in last

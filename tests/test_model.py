@@ -1,0 +1,87 @@
+import math
+
+import pytest
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.model import Attention, build_model, count_parameters, patchify, sinusoidal_embedding
+
+
+def expected_parameters(depth: int, mlp: int, dim: int = 8, patch_dim: int = 16, classes: int = 10) -> int:
+    per_block = 2 * 2 * dim + (dim * 3 * dim + 3 * dim) + (dim * mlp + mlp) + (mlp * dim + dim)
+    return patch_dim * dim + dim + dim + depth * per_block + 2 * dim + dim * classes + classes
+
+
+@pytest.mark.parametrize("depth, mlp", [(2, 16), (2, 32), (3, 16), (3, 32)])
+def test_shapes_and_parameter_counts(depth, mlp):
+    model = build_model(ModelConfig(depth=depth, mlp_hidden=mlp), seed=0)
+    logits = model(torch.rand(5, 1, 28, 28))
+    assert logits.shape == (5, 10)
+    assert count_parameters(model) == expected_parameters(depth, mlp)
+    assert model.num_patches == 49
+
+
+def test_outputs_are_logits_not_probabilities():
+    model = build_model(ModelConfig(), seed=0)
+    logits = model(torch.rand(8, 1, 28, 28))
+    assert not torch.allclose(logits.sum(1), torch.ones(8))
+    assert (logits < 0).any()
+
+
+def test_patchify_equals_naive_loop():
+    images = torch.rand(3, 1, 28, 28)
+    patches = patchify(images, 4)
+    assert patches.shape == (3, 49, 16)
+    for b in range(3):
+        for i in range(7):
+            for j in range(7):
+                naive = images[b, 0, 4 * i:4 * i + 4, 4 * j:4 * j + 4].reshape(-1)
+                assert torch.equal(patches[b, 7 * i + j], naive)
+
+
+def test_attention_equals_naive_reference():
+    torch.manual_seed(0)
+    attn = Attention(dim=8, heads=2).eval()
+    x = torch.randn(4, 50, 8)
+    got = attn(x)
+    wq, wk, wv = attn.qkv.weight.split(8)
+    bq, bk, bv = attn.qkv.bias.split(8)
+    expected = torch.empty_like(x)
+    for b in range(4):
+        heads = []
+        for h in range(2):
+            sl = slice(4 * h, 4 * h + 4)
+            q = x[b] @ wq[sl].T + bq[sl]
+            k = x[b] @ wk[sl].T + bk[sl]
+            v = x[b] @ wv[sl].T + bv[sl]
+            weights = torch.softmax(q @ k.T / math.sqrt(4), dim=-1)
+            heads.append(weights @ v)
+        expected[b] = torch.cat(heads, dim=-1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    weights = attn.attention_weights(x)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(4, 2, 50))
+
+
+def test_sinusoidal_embedding_formula():
+    table = sinusoidal_embedding(50, 8)
+    for pos in (0, 1, 17, 49):
+        for i in range(8):
+            angle = pos / 10000 ** ((i - i % 2) / 8)
+            assert table[pos, i].item() == pytest.approx(math.sin(angle) if i % 2 == 0 else math.cos(angle), abs=1e-6)
+
+
+def test_configurable_knobs():
+    cfg = ModelConfig(dim=16, heads=4, depth=1, mlp_hidden=24, patch_size=7, pos_embedding="learned", dropout=0.1,
+                      attn_out_proj=True)
+    model = build_model(cfg, seed=0)
+    assert model.num_patches == 16
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert isinstance(model.pos_embed, torch.nn.Parameter)
+
+
+def test_seeded_build_is_reproducible():
+    a = build_model(ModelConfig(), seed=3).state_dict()
+    b = build_model(ModelConfig(), seed=3).state_dict()
+    c = build_model(ModelConfig(), seed=4).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

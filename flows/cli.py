@@ -68,6 +68,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("vitflow: interrupted; open MLflow runs were marked KILLED", file=sys.stderr)
         return 130
+    except Exception as exc:  # the flow's log above has the traceback; end with the cause in one line
+        print(f"vitflow: study failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     print(format_summary(summary))
     return 0
 

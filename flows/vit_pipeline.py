@@ -13,7 +13,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.futures import as_completed  # noqa: E402
+from prefect.futures import as_completed, wait  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from prefect.utilities.annotations import quote  # noqa: E402
 
@@ -115,6 +115,7 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None) -> di
 
     tracker = Tracker(tracking_uri(cfg.tracking), cfg.experiment_name)
     study = steps.Study(cfg=cfg, data=dataset, tracker=tracker)
+    running: list = []
     try:
         steps.start_study(study)
         jobs = [(i, f) for i in range(len(study.candidates)) for f in range(cfg.cv.folds)]
@@ -125,7 +126,7 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None) -> di
 
         mark = time.perf_counter()
         config_runs = [steps.start_configuration(study, i) for i in range(len(study.candidates))]
-        running, results = [], []
+        results = []
         for index, fold_index in jobs:
             if len(running) >= workers:
                 done = next(as_completed(running))
@@ -133,7 +134,8 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None) -> di
                 results.append(done.result())
             running.append(train_fold.submit(quote(study), index, fold_index, config_runs[index],
                                              study.candidates[index].label, fold_index + 1))
-        results.extend(f.result() for f in running)
+        while running:
+            results.append(running.pop(0).result())
         leaderboard = aggregate(quote(study), results)
         for row in leaderboard:
             steps.close_configuration(study, row, config_runs[row["candidate_index"]])
@@ -163,7 +165,11 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None) -> di
         tracker.end_run(study.run_id)
     except BaseException as exc:
         status = failure_status(exc)
+        study.abort.set()  # folds still training stop at their next epoch boundary
+        wait(running, timeout=600)
         closed = tracker.close_open_runs(status)
+        if study.run_id:
+            tracker.set_tags(study.run_id, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
         logger.error("study failed (%s: %s); %d MLflow run(s) marked %s", type(exc).__name__, exc, len(closed),
                      status)
         raise

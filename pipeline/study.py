@@ -4,6 +4,7 @@ flows/ chains them as Prefect tasks; a notebook or a test can call them directly
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ from pipeline.train import FitResult, fit, resolve_device, to_pixels
 ROLE = "vitflow.role"
 
 
+class StudyAborted(RuntimeError):
+    """A fold stopped because another part of the study failed."""
+
+
 @dataclass
 class Study:
     """Everything the steps share: the validated config, the data in memory, the folds and the tracker."""
@@ -35,6 +40,7 @@ class Study:
     folds: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
     selected: str = ""
+    abort: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.candidates = self.cfg.candidates()
@@ -84,9 +90,15 @@ def train_fold(study: Study, index: int, fold_index: int, configuration_run_id: 
                            tags={ROLE: "fold", "configuration": cand.label, "fold_index": fold_index},
                            params={"fold_index": fold_index, "folds": k, "seed": fold_seed(study, fold_index),
                                    "train_images": len(train_idx), "val_images": len(val_idx)}) as run_id:
+        def report(epoch: int, metrics: dict[str, float]) -> None:
+            study.tracker.log_metrics(run_id, metrics, step=epoch)
+            if study.abort.is_set():  # another part of the study failed: stop instead of finishing for nothing
+                raise StudyAborted(f"{cand.label} {name}: stopped after epoch {epoch} because the study failed")
+
+        if study.abort.is_set():
+            raise StudyAborted(f"{cand.label} {name}: not started because the study failed")
         result = fit(cand.model, cand.train, x[train_idx], y[train_idx], {"val": (x[val_idx], y[val_idx])},
-                     seed=fold_seed(study, fold_index), desc=f"{cand.label} {name}",
-                     callback=lambda epoch, m: study.tracker.log_metrics(run_id, m, step=epoch))
+                     seed=fold_seed(study, fold_index), desc=f"{cand.label} {name}", callback=report)
         study.tracker.log_metrics(run_id, {"fit_seconds": result.seconds})
     return {"candidate_index": index, "fold_index": fold_index, "run_id": run_id, "history": result.history,
             "parameters": count_parameters(result.model), "seconds": result.seconds, **result.final}

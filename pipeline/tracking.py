@@ -131,6 +131,7 @@ class Tracker:
             yield run_id
         except BaseException as exc:
             self.end_run(run_id, failure_status(exc))
+            self.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
             raise
         self.end_run(run_id)
 

@@ -119,3 +119,26 @@ def test_missing_data_fails_clearly_before_training(session_env, tmp_path):
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("vitflow: MNIST not found") and "nothing-here/MNIST/raw" in last
+
+
+def test_diverging_study_fails_cleanly(session_env, tmp_path):
+    """NaN loss: the fold run ends FAILED with the cause, the study fails, no run is left RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from .conftest import run_cli
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = dict(session_env, MLFLOW_TRACKING_URI=uri)
+    result = run_cli(["run", "--config", "smoke", "--set", "train.lr=1e30", "--set", "tracking.experiment=diverge"],
+                     env, timeout=300)
+    assert result.returncode == 1
+    assert "training loss is nan" in result.stderr.strip().splitlines()[-1].lower()
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("diverge")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+    study = [r for r in runs if r.data.tags.get("vitflow.role") == "study"][0]
+    assert study.info.status == "FAILED" and "train.lr=1e+30" in study.data.tags["error"]
+    failed_folds = [r for r in runs if r.data.tags.get("vitflow.role") == "fold" and r.info.status == "FAILED"]
+    assert failed_folds and "lower the learning rate" in failed_folds[0].data.tags["error"]
+    assert not [r for r in runs if r.data.tags.get("vitflow.role") == "final"]  # nothing was retrained

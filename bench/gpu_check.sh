@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One-shot check on a machine with one NVIDIA GPU, Python 3.12, torch preinstalled and no package registry.
+# Expects (carried beside the checkout, git-ignored): .whl/ with the wheels prefect/mlflow need that the machine
+# lacks, and .mnist/ with the four MNIST files xz-compressed. Prints one table at the end; logs go to $OUT.
+set -uo pipefail
+OUT="${OUT:-/tmp/gpu-check}"; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+export PYTHONPATH="/tmp/site:$PWD"
+mkdir -p /tmp/data/MNIST/raw
+for f in .mnist/*.xz; do xz -dc "$f" > "/tmp/data/MNIST/raw/$(basename "$f" .xz)"; done
+export VITFLOW_DATA_DIR=/tmp/data PREFECT_HOME=/tmp/prefect-home
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, prefect, mlflow, onnxruntime as o; print('torch', torch.__version__, 'prefect', prefect.__version__, 'mlflow', mlflow.__version__, 'ort', o.__version__, o.get_available_providers())"
+
+run_study() {  # label, extra args...
+  local label=$1; shift
+  local start=$(date +%s.%N)
+  MLFLOW_TRACKING_URI="sqlite:////tmp/mlflow-$label.db" timeout 420 python3 -m flows.cli run "$@" > "$OUT/$label.log" 2>&1
+  local rc=$?
+  local wall=$(python3 -c "import time; print(f'{time.time() - $start:.1f}')")
+  local acc=$(grep -o 'Test accuracy (ONNX Runtime, [A-Za-z]*): [0-9.]*%' "$OUT/$label.log" | tail -1)
+  local timing=$(grep -o 'Wall time: .*' "$OUT/$label.log" | tail -1)
+  echo "$label | rc=$rc | process wall ${wall}s | $acc | $timing" >> "$OUT/table.txt"
+  tail -18 "$OUT/$label.log"
+}
+: > "$OUT/table.txt"
+run_study seed-auto --config seed
+run_study seed-4way --config seed --set cv.concurrency=4
+echo; echo "=== GPU check ($(cat "$OUT/gpu.txt")) ==="; cat "$OUT/table.txt"

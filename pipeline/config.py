@@ -48,6 +48,9 @@ class ModelConfig(_Strict):
     num_classes: int = Field(10, ge=2)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     pos_embedding: Literal["sinusoidal", "learned"] = "sinusoidal"
+    pos_base: float = Field(10000.0, gt=1, description="wavelength base of the sinusoidal embedding")
+    input_mean: float = Field(0.5, description="pixels in [0, 1] are normalised as (x - input_mean) / input_std")
+    input_std: float = Field(0.5, gt=0)
     attn_out_proj: bool = Field(False, description="output projection after the heads are concatenated")
 
     @model_validator(mode="after")

@@ -67,7 +67,8 @@ def _where_to_put(root: Path) -> str:
             f"that holds MNIST/raw/")
 
 
-def verify(root: Path) -> dict[str, str]:
+def verify(root: Path, fix: str = "delete it and run again with data.download enabled, or replace it with an "
+                                  "intact copy") -> dict[str, str]:
     """MD5 of each raw file, checked against the published values; DataError names the first bad file."""
     digests = {}
     for name, expected in RAW_MD5.items():
@@ -76,8 +77,7 @@ def verify(root: Path) -> dict[str, str]:
             raise DataError(f"MNIST file missing: {path}; {_where_to_put(root)}")
         digest = calculate_md5(str(path))
         if digest != expected:
-            raise DataError(f"MNIST file corrupt: {path} has md5 {digest}, expected {expected}; delete it and run "
-                            f"again with data.download enabled, or replace it with an intact copy")
+            raise DataError(f"MNIST file corrupt: {path} has md5 {digest}, expected {expected}; {fix}")
         digests[name] = digest
     return digests
 
@@ -93,14 +93,22 @@ def acquire(cfg: DataConfig) -> tuple[Path, dict[str, str]]:
         try:
             for train in (True, False):
                 MNIST(str(root), train=train, download=True, mirrors=cfg.mirrors)
-        except Exception as exc:  # network, permissions, disk: all end in the same advice
-            for partial in raw_dir(root).glob("*.gz"):
-                partial.unlink(missing_ok=True)  # never leave a truncated archive for the next attempt to trust
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DownloadError(f"could not download MNIST into {raw_dir(root)} ({reason}); without network, "
-                            f"{_where_to_put(root)}") from exc
+            failure = None
+        except Exception as exc:  # network, permissions, disk, or a file too damaged to parse
+            failure = exc
         for archive in raw_dir(root).glob("*.gz"):
-            archive.unlink()
+            archive.unlink()  # never leave a truncated archive for the next attempt to trust
+        try:
+            if failure is None or all((raw_dir(root) / name).is_file() for name in RAW_MD5):
+                return root, verify(root, fix="the download was damaged and has been removed; run again, or set "
+                                              "data.mirrors to another mirror")
+        except DataError as exc:
+            for name in missing:  # what this attempt fetched is bad: remove it so a retry fetches it again
+                (raw_dir(root) / name).unlink(missing_ok=True)
+            raise DownloadError(str(exc)) from failure
+        reason = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+        raise DownloadError(f"could not download MNIST into {raw_dir(root)} ({reason}); without network, "
+                            f"{_where_to_put(root)}") from failure
     return root, verify(root)
 
 

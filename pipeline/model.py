@@ -11,16 +11,13 @@ from torch import Tensor, nn
 
 from pipeline.config import ModelConfig
 
-# MNIST pixel statistics over the 60k training images (intensities in [0, 1]).
-MNIST_MEAN = 0.1307
-MNIST_STD = 0.3081
 
-
-def sinusoidal_embedding(positions: int, dim: int) -> Tensor:
-    """Fixed 1-D sinusoidal embedding (Vaswani et al.): sin on even, cos on odd channels, shape (positions, dim)."""
+def sinusoidal_embedding(positions: int, dim: int, base: float = 10000.0) -> Tensor:
+    """Fixed 1-D sinusoidal embedding (Vaswani et al.): channel pair i holds sin/cos(position / base^(2i/dim)),
+    shape (positions, dim)."""
     position = torch.arange(positions, dtype=torch.float64).unsqueeze(1)
     pair = torch.arange(0, dim, 2, dtype=torch.float64)
-    freq = torch.exp(-math.log(10000.0) * pair / dim)
+    freq = torch.exp(-math.log(base) * pair / dim)
     table = torch.zeros(positions, dim, dtype=torch.float64)
     table[:, 0::2] = torch.sin(position * freq)
     table[:, 1::2] = torch.cos(position * freq[: dim // 2])
@@ -82,7 +79,7 @@ class Block(nn.Module):
 class ViT(nn.Module):
     """Input: pixel intensities in [0, 1], shape (B, C, H, W). Output: class logits (B, num_classes).
 
-    Normalisation with the MNIST statistics happens inside the model, so the exported ONNX file takes
+    Normalisation ((x - input_mean) / input_std) happens inside the model, so the exported ONNX file takes
     plain [0, 1] pixels and a consumer cannot get it wrong.
     """
 
@@ -92,15 +89,15 @@ class ViT(nn.Module):
         grid = cfg.image_size // cfg.patch_size
         self.num_patches = grid * grid
         patch_dim = cfg.channels * cfg.patch_size**2
-        self.register_buffer("pixel_mean", torch.tensor(MNIST_MEAN), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(MNIST_STD), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(cfg.input_mean), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.input_std), persistent=False)
         self.patch_embed = nn.Linear(patch_dim, cfg.dim)
         self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02)
         if cfg.pos_embedding == "learned":
             self.pos_embed = nn.Parameter(torch.randn(1, self.num_patches + 1, cfg.dim) * 0.02)
         else:
-            self.register_buffer("pos_embed", sinusoidal_embedding(self.num_patches + 1, cfg.dim).unsqueeze(0),
-                                 persistent=False)
+            table = sinusoidal_embedding(self.num_patches + 1, cfg.dim, cfg.pos_base)
+            self.register_buffer("pos_embed", table.unsqueeze(0), persistent=False)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             Block(cfg.dim, cfg.heads, cfg.mlp_hidden, cfg.dropout, cfg.attn_out_proj) for _ in range(cfg.depth))

@@ -48,7 +48,7 @@ def test_config_file_path(tmp_path):
     ("model.colour=3", "unknown key 'model.colour'"),
     ("train.lr=-0.1", "train.lr=-0.1"),
     ("train.epochs=many", "train.epochs='many'"),
-    ("cv.grid.model.heads=[2,3]", "cv.grid point heads=3: model.heads=3 must divide model.dim=8"),
+    ("cv.grid.model.heads=[2,3]", "cv.grid point blocks=2 mlp=16 heads=3: model.heads=3 must divide model.dim=8"),
     ("cv.grid.model.bogus=[1]", "'model.bogus' is not a known field"),
 ])
 def test_invalid_configuration_is_one_clear_line(override, fragment):

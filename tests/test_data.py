@@ -59,7 +59,7 @@ class _Mirror:
 
     def __init__(self, directory: Path) -> None:
         handler = functools.partial(_QuietHandler, directory=str(directory))
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server = _QuietServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/mnist/"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -70,6 +70,11 @@ class _Mirror:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # clients closing early (broken pipe) are not the test's concern
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -102,8 +107,22 @@ def test_download_from_local_mirror(tmp_path, data_root, monkeypatch):
 def test_corrupt_download_is_caught_and_named(tmp_path, data_root, monkeypatch):
     monkeypatch.delenv("VITFLOW_DATA_DIR")
     with _Mirror(_mirror_dir(tmp_path, data_root, corrupt="t10k-labels-idx1-ubyte")) as mirror:
-        with pytest.raises(DataError, match="t10k-labels-idx1-ubyte has md5"):
+        with pytest.raises(DownloadError, match="t10k-labels-idx1-ubyte has md5 .*, expected 27ae3e4e"):
             acquire(DataConfig(root=str(tmp_path / "data"), mirrors=[mirror.url]))
+    assert not (raw_dir(tmp_path / "data") / "t10k-labels-idx1-ubyte").exists()  # a retry fetches it again
+
+
+def test_corrupt_local_file_is_named_before_training(tmp_path, data_root, monkeypatch):
+    monkeypatch.delenv("VITFLOW_DATA_DIR")
+    raw = raw_dir(tmp_path)
+    raw.mkdir(parents=True)
+    for name in RAW_MD5:
+        (raw / name).write_bytes((raw_dir(data_root) / name).read_bytes())
+    with open(raw / "train-labels-idx1-ubyte", "r+b") as f:
+        f.seek(500)
+        f.write(b"\x09")
+    with pytest.raises(DataError, match="MNIST file corrupt: .*train-labels-idx1-ubyte has md5"):
+        acquire(DataConfig(root=str(tmp_path), download=False))
 
 
 def test_unreachable_mirror_is_a_clear_error(tmp_path, monkeypatch):

@@ -78,8 +78,10 @@ def test_figures_are_real_pngs(mlflow_client, tmp_path):
             assert image.format == "PNG" and image.width >= 500 and image.height >= 300
 
 
-def test_registered_model_and_aliases(mlflow_client, smoke_runs):
+def test_registered_model_and_aliases(mlflow_client, smoke_runs, session_env):
     import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(session_env["MLFLOW_TRACKING_URI"])
 
     versions = mlflow_client.search_model_versions("name = 'vit-mnist-smoke'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
@@ -89,10 +91,10 @@ def test_registered_model_and_aliases(mlflow_client, smoke_runs):
     assert v1.tags["decision"] == "champion" and v1.tags["decision_reason"] == "no champion yet"
     acc1, acc2 = float(v1.tags["test_accuracy"]), float(v2.tags["test_accuracy"])
     if acc2 > acc1:
-        assert champion.version == "2" and v2.tags["decision"] == "champion"
+        assert str(champion.version) == "2" and v2.tags["decision"] == "champion"
     else:
-        assert champion.version == "1" and v2.tags["decision"] == "challenger"
-        assert mlflow_client.get_model_version_by_alias("vit-mnist-smoke", "challenger").version == "2"
+        assert str(champion.version) == "1" and v2.tags["decision"] == "challenger"
+        assert str(mlflow_client.get_model_version_by_alias("vit-mnist-smoke", "challenger").version) == "2"
         assert "does not beat champion v1" in v2.tags["decision_reason"]
     # The registered ONNX model loads through the registry and predicts like the exported file.
     model = mlflow.pyfunc.load_model("models:/vit-mnist-smoke@champion")
@@ -117,8 +119,9 @@ def test_missing_data_fails_clearly_before_training(session_env, tmp_path):
     env = dict(session_env, VITFLOW_DATA_DIR=str(tmp_path / "nothing-here"))
     result = run_cli(["run", "--config", "smoke", "--set", "data.download=false"], env, timeout=300)
     assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("vitflow: MNIST not found") and "nothing-here/MNIST/raw" in last
+    ours = [line for line in result.stderr.splitlines() if line.startswith("vitflow:")]
+    assert len(ours) == 1, result.stderr[-3000:]
+    assert ours[0].startswith("vitflow: MNIST not found") and "nothing-here/MNIST/raw" in ours[0]
 
 
 def test_diverging_study_fails_cleanly(session_env, tmp_path):
@@ -132,7 +135,8 @@ def test_diverging_study_fails_cleanly(session_env, tmp_path):
     result = run_cli(["run", "--config", "smoke", "--set", "train.lr=1e30", "--set", "tracking.experiment=diverge"],
                      env, timeout=300)
     assert result.returncode == 1
-    assert "training loss is nan" in result.stderr.strip().splitlines()[-1].lower()
+    ours = [line for line in result.stderr.splitlines() if line.startswith("vitflow:")]
+    assert len(ours) == 1 and "training loss is nan" in ours[0].lower(), result.stderr[-3000:]
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("diverge")
     runs = client.search_runs([exp.experiment_id], max_results=100)

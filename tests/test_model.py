@@ -62,11 +62,12 @@ def test_attention_equals_naive_reference():
     torch.testing.assert_close(weights.sum(-1), torch.ones(4, 2, 50))
 
 
-def test_sinusoidal_embedding_formula():
-    table = sinusoidal_embedding(50, 8)
+@pytest.mark.parametrize("base", [10000.0, 100.0])
+def test_sinusoidal_embedding_formula(base):
+    table = sinusoidal_embedding(50, 8, base)
     for pos in (0, 1, 17, 49):
         for i in range(8):
-            angle = pos / 10000 ** ((i - i % 2) / 8)
+            angle = pos / base ** ((i - i % 2) / 8)
             assert table[pos, i].item() == pytest.approx(math.sin(angle) if i % 2 == 0 else math.cos(angle), abs=1e-6)
 
 

@@ -14,14 +14,14 @@ def subset(mnist):
 def test_one_epoch_on_real_data_lowers_the_loss(subset):
     x, y, xt, yt = subset
     cfg = ModelConfig(depth=2, mlp_hidden=16)
-    before, _ = evaluate(build_model(cfg, seed=0), xt, yt)
+    before_loss, before_error = evaluate(build_model(cfg, seed=0), xt, yt)
     seen = []
     result = fit(cfg, TrainConfig(epochs=2, batch_size=128, device="cpu"), x, y, {"val": (xt, yt)}, seed=0,
                  callback=lambda epoch, m: seen.append((epoch, m)), progress=False)
     assert [e for e, _ in seen] == [1, 2]
     assert set(seen[0][1]) >= {"train_loss", "train_error", "val_loss", "val_error"}
-    assert result.history[-1]["val_loss"] < before - 0.3
-    assert result.history[-1]["val_error"] < 0.6
+    assert result.history[-1]["val_loss"] < before_loss - 0.2
+    assert result.history[-1]["val_error"] < before_error - 0.05
 
 
 def test_training_is_deterministic_on_cpu(subset):

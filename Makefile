@@ -8,12 +8,17 @@ MLFLOW_PORT ?= 5000
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export VITFLOW_DATA_DIR ?=
 
-.PHONY: install run test ui clean help
+PREFECT_PORT ?= 4200
+export PREFECT_PORT MLFLOW_PORT
+
+.PHONY: install run test ui serve stop status clean help
 
 help:
 	@echo "make run    run the seed study (CONFIG=seed|smoke|<path>, SET='train.epochs=2 ...')"
 	@echo "make test   run the test suite"
 	@echo "make ui     MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) over the local store in mlflow/"
+	@echo "make serve  Prefect server + MLflow server + work pool + deployments + worker on 127.0.0.1"
+	@echo "make stop   stop exactly the processes 'make serve' started"
 
 $(BIN)/vitflow: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,5 +39,19 @@ ui: install
 		--backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --default-artifact-root $(CURDIR)/mlflow/artifacts \
 		--workers 1
 
+serve: install
+	scripts/stack.sh start
+
+stop:
+	scripts/stack.sh stop
+
+status:
+	scripts/stack.sh status
+
 clean:
 	rm -rf models .pytest_cache
+
+# The README's figures (docs/*.png), regenerated from a real smoke run by scripts/readme_figures.py.
+.PHONY: figures
+figures: install
+	$(BIN)/python scripts/readme_figures.py

@@ -11,6 +11,7 @@ from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+from pipeline import report  # noqa: E402
 from pipeline.config import ConfigError, list_presets, load_config  # noqa: E402
 from pipeline.data import DataError  # noqa: E402
 
@@ -20,13 +21,14 @@ def _sigterm(signum: int, frame: Any) -> None:
 
 
 def format_summary(s: dict[str, Any]) -> str:
+    """The terminal summary: the model card's numbers, formatted by the same functions (pipeline.report)."""
     rows = [("rank", "configuration", "params", "val error", "train error")]
-    for r in s["leaderboard"]:
-        rows.append((str(r["rank"]), r["label"] + ("  <- selected" if r["rank"] == 1 else ""),
-                     f"{r['parameters']:,}", f"{100 * r['val_error_mean']:.2f}% ± {100 * r['val_error_std']:.2f}",
-                     f"{100 * r['train_error_mean']:.2f}% ± {100 * r['train_error_std']:.2f}"))
+    for r in report.cv_rows(s["leaderboard"]):
+        rows.append((r["rank"], r["configuration"] + ("  <- selected" if r["rank"] == "1" else ""),
+                     r["parameters"], r["val_error"], r["train_error"]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    n = report.key_numbers(s)
     reg = s["registration"]
     t = s["timings"]
     ui = ("make ui   (then open http://127.0.0.1:5000)" if s["tracking_uri"].startswith("sqlite")
@@ -34,16 +36,17 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join([
         "",
         f"Study '{s['study']}' ({len(s['leaderboard'])} configurations x "
-        f"{len(s['leaderboard'][0]['fold_val_errors'])}-fold CV, device {s['device']})",
+        f"{report.folds_of(s['leaderboard'])}-fold CV, device {s['device']})",
         "",
         table,
         "",
-        f"Test accuracy (ONNX Runtime, {s['provider']}): {100 * s['test_accuracy']:.2f}%  "
-        f"[PyTorch: {100 * (1 - s['final_history'][-1]['test_error']):.2f}%, parity max |diff| "
-        f"{s['parity_max_abs_diff']:.1e}]",
+        f"Test accuracy (ONNX Runtime, {s['provider']}): {n['test_accuracy']}  "
+        f"[PyTorch: {n['torch_test_accuracy']}, parity max |diff| {n['parity']}]",
+        f"Throughput:      {n['throughput_detail']}",
         f"ONNX model:      {s['onnx_path']}",
         f"Registered:      {reg['model_uri']} -> @{reg['alias']} ({reg['reason']})",
-        f"Wall time:       {t['total_s']:.1f} s (data {t['data_s']:.1f}, CV {t['cv_s']:.1f}, retrain "
+        f"Model card:      model_card.md on final run {s['final_run_id']} (also the version's description)",
+        f"Wall time:       {n['wall_time']} (data {t['data_s']:.1f}, CV {t['cv_s']:.1f}, retrain "
         f"{t['retrain_s']:.1f}, export {t['export_s']:.1f}, evaluate {t['evaluate_s']:.1f}, register "
         f"{t['register_s']:.1f})",
         f"MLflow:          experiment '{s['experiment']}', study run {s['study_run_id']}",
@@ -75,6 +78,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the flow's deployments from this process (no work pool needed); Ctrl-C stops serving."""
+    try:
+        load_config(args.config, args.set)
+    except ConfigError as exc:
+        print(f"vitflow: {exc}", file=sys.stderr)
+        return 2
+    from prefect import serve
+
+    from flows.vit_pipeline import vit_pipeline
+
+    parameters = {"config": args.config, "overrides": args.set}
+    serve(
+        vit_pipeline.to_deployment(name="seed-study", parameters=parameters, tags=["vitflow", "manual"]),
+        vit_pipeline.to_deployment(name="scheduled-retraining", parameters=parameters, cron=args.cron,
+                                   tags=["vitflow", "scheduled"]),
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vitflow", description="ViT on MNIST: k-fold model selection as a "
                                      "Prefect flow, tracked in MLflow, exported to ONNX.")
@@ -85,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                      help="override one setting, e.g. --set train.epochs=2 --set cv.grid.model.depth=[2,3]")
     run.set_defaults(func=cmd_run)
+    srv = sub.add_parser("serve", help="serve the deployments seed-study and scheduled-retraining from this "
+                         "process (needs PREFECT_API_URL pointing at a Prefect server); Ctrl-C stops")
+    srv.add_argument("--config", "-c", default="seed", help="preset or YAML path the deployments run (default: seed)")
+    srv.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    srv.add_argument("--cron", default="0 3 * * 1", help="schedule of scheduled-retraining, UTC (default: Mondays 03:00)")
+    srv.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     return args.func(args)
 

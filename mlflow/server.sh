@@ -5,6 +5,7 @@
 #   MLFLOW_PORT=5050 mlflow/server.sh
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+store="${VITFLOW_MLFLOW_DIR:-$here}"  # where mlflow.db and artifacts/ live
 host="${MLFLOW_HOST:-127.0.0.1}"
 port="${MLFLOW_PORT:-5000}"
 mlflow_bin="${MLFLOW_BIN:-$(dirname "$here")/.venv/bin/mlflow}"
@@ -15,5 +16,5 @@ if (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; then
 fi
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
 exec "$mlflow_bin" server --host "$host" --port "$port" --workers 1 \
-  --backend-store-uri "sqlite:///$here/mlflow.db" \
-  --artifacts-destination "$here/artifacts" --serve-artifacts
+  --backend-store-uri "sqlite:///$store/mlflow.db" \
+  --artifacts-destination "$store/artifacts" --serve-artifacts

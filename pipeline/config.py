@@ -78,7 +78,7 @@ class CVConfig(_Strict):
     folds: int = Field(3, ge=2)
     seed: int = 0
     grid: dict[str, list[Any]] = Field(default_factory=dict)
-    concurrency: int | None = Field(None, gt=0, description="fold tasks trained at once; None: auto (CPU: one per core, CUDA: 1)")
+    concurrency: int | None = Field(None, gt=0, description="fold tasks trained at once; None: auto (CPU: one per core, CUDA: 4)")
 
     @field_validator("grid")
     @classmethod

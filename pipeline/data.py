@@ -106,7 +106,9 @@ def acquire(cfg: DataConfig) -> tuple[Path, dict[str, str]]:
             for name in missing:  # what this attempt fetched is bad: remove it so a retry fetches it again
                 (raw_dir(root) / name).unlink(missing_ok=True)
             raise DownloadError(str(exc)) from failure
-        reason = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+        root_cause = failure.__cause__ or failure.__context__
+        reason = "; ".join(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                           for e in (failure, root_cause) if e is not None)
         raise DownloadError(f"could not download MNIST into {raw_dir(root)} ({reason}); without network, "
                             f"{_where_to_put(root)}") from failure
     return root, verify(root)

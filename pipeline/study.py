@@ -13,12 +13,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline import plots
+from pipeline import attention, plots
 from pipeline.config import Candidate, StudyConfig
 from pipeline.data import MnistTensors, stratified_folds
 from pipeline.export import export_onnx
 from pipeline.inference import OnnxClassifier, evaluate_onnx, preferred_providers
 from pipeline.model import build_model, count_parameters
+from pipeline.report import model_card, version_description
 from pipeline.tracking import Tracker, flatten, git_commit, package_versions, promote
 from pipeline.train import FitResult, fit, resolve_device, to_pixels
 
@@ -132,6 +133,8 @@ def close_configuration(study: Study, row: dict[str, Any], run_id: str) -> None:
     metrics["rank"] = row["rank"]
     study.tracker.log_metrics(run_id, metrics)
     study.tracker.set_tags(run_id, {"selected": str(row["rank"] == 1).lower()})
+    study.tracker.log_figure(run_id, plots.fold_curves(row["fold_histories"], row["label"]),
+                             "figures/fold_curves.png")
     study.tracker.end_run(run_id)
 
 
@@ -140,6 +143,9 @@ def retrain(study: Study, leaderboard: list[dict[str, Any]]) -> tuple[FitResult,
     The ``final`` run stays open for export, evaluation and registration to log into."""
     best = study.candidates[leaderboard[0]["candidate_index"]]
     study.selected = best.label
+    study.tracker.log_figure(study.run_id, plots.model_selection(leaderboard, best.label),
+                             "figures/model_selection.png")
+    study.tracker.log_figure(study.run_id, plots.fold_curves_grid(leaderboard, best.label), "figures/fold_curves.png")
     run_id = study.tracker.start_run(
         "final", parent_id=study.run_id,
         tags={ROLE: "final", "configuration": best.label},
@@ -156,7 +162,24 @@ def retrain(study: Study, leaderboard: list[dict[str, Any]]) -> tuple[FitResult,
     study.tracker.log_figure(run_id, plots.learning_curves(
         result.history, f"Final model ({best.label}) trained on {len(data.train_labels)} images"),
         "figures/learning_curves.png")
+    log_attention(study, result.model, run_id)
     return result, run_id
+
+
+def one_per_class(labels: Tensor, classes: int = 10) -> list[int]:
+    """Index of the first image of each class, in class order (classes absent from ``labels`` are skipped)."""
+    return [int(hits[0]) for c in range(classes) if len(hits := torch.nonzero(labels == c).flatten())]
+
+
+def log_attention(study: Study, model: torch.nn.Module, run_id: str) -> None:
+    """Class-token attention (last block per head, rollout across blocks) on one test digit of each class."""
+    index = one_per_class(study.data.test_labels, model.cfg.num_classes)
+    images = study.data.test_images[index]
+    maps = attention.summarize(model, to_pixels(images))
+    figure = plots.attention_maps(images.numpy(), study.data.test_labels[index].tolist(), maps.predictions.tolist(),
+                                  maps.last_block.numpy(), maps.rollout.numpy(),
+                                  f"Attention of the final model ({study.selected}), one test digit per class")
+    study.tracker.log_figure(run_id, figure, "figures/attention.png")
 
 
 def export(study: Study, result: FitResult, run_id: str, directory: str | os.PathLike) -> tuple[Path, dict]:
@@ -182,7 +205,11 @@ def evaluate(study: Study, onnx_path: Path, run_id: str) -> dict[str, Any]:
     study.tracker.log_figure(run_id, plots.confusion_matrix(labels, report["predictions"],
                                                             "Test confusion matrix (ONNX Runtime)"),
                              "figures/confusion_matrix.png")
-    return {k: v for k, v in report.items() if k != "predictions"}
+    study.tracker.log_figure(run_id, plots.misclassified(study.data.test_images.numpy(), labels,
+                                                         report["probabilities"],
+                                                         "Misclassified test images (ONNX Runtime)"),
+                             "figures/misclassified.png")
+    return {k: v for k, v in report.items() if k not in ("predictions", "probabilities")}
 
 
 def register(study: Study, onnx_path: Path, run_id: str, report: dict[str, Any]) -> dict[str, Any]:
@@ -209,3 +236,35 @@ def register(study: Study, onnx_path: Path, run_id: str, report: dict[str, Any])
     study.tracker.set_tags(study.run_id, {"registered_model": name, "registered_version": version,
                                           "alias": decision["alias"], "alias_reason": decision["reason"]})
     return {"model_name": name, "model_uri": f"models:/{name}/{version}", **decision}
+
+
+def summarize(study: Study, leaderboard: list[dict[str, Any]], result: FitResult, final_run_id: str,
+              onnx_path: Path, parity: dict[str, float], evaluation: dict[str, Any], registration: dict[str, Any],
+              timings: dict[str, float]) -> dict[str, Any]:
+    """Everything a person reads about the study, as plain data: the source of the model card, the Prefect
+    summary artifact and ``vitflow run``'s terminal summary."""
+    cfg, data = study.cfg, study.data
+    best = study.candidates[leaderboard[0]["candidate_index"]]
+    return {
+        "study": cfg.name, "description": cfg.description, "experiment": cfg.experiment_name,
+        "tracking_uri": study.tracker.uri, "study_run_id": study.run_id, "final_run_id": final_run_id,
+        "device": result.device, "git_commit": git_commit(),
+        "config_fingerprint": cfg.fingerprint(),
+        "data": {"root": str(data.root), "train_images": len(data.train_labels), "test_images": len(data.test_labels),
+                 "train_subset": cfg.data.train_subset, "test_subset": cfg.data.test_subset, "md5": dict(data.md5)},
+        "configuration": {"model": best.model.model_dump(mode="json"), "train": best.train.model_dump(mode="json")},
+        "grid": cfg.cv.grid, "parameters": leaderboard[0]["parameters"],
+        "leaderboard": [{k: v for k, v in row.items() if k != "fold_histories"} for row in leaderboard],
+        "selected": leaderboard[0]["label"], "final_history": result.history,
+        "onnx_path": str(onnx_path), **parity, **evaluation, "registration": registration, "timings": timings,
+    }
+
+
+def publish_model_card(study: Study, summary: dict[str, Any]) -> str:
+    """The model card: logged as model_card.md on the final run and set as the registered version's description."""
+    card = model_card(summary)
+    reg = summary["registration"]
+    study.tracker.log_text(summary["final_run_id"], card, "model_card.md")
+    study.tracker.client.update_model_version(reg["model_name"], reg["version"],
+                                              description=version_description(summary, card))
+    return card

@@ -1,6 +1,7 @@
 """End to end: the smoke preset through the real CLI -> Prefect flow -> MLflow (SQLite) -> ONNX -> registry."""
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -22,6 +23,8 @@ def test_cli_prints_summary(smoke_runs):
     assert "<- selected" in out and "Test accuracy (ONNX Runtime, CPUExecutionProvider)" in out
     assert "Registered:      models:/vit-mnist-smoke/1 -> @champion (no champion yet)" in out
     assert "Wall time:" in out and "study run" in out
+    assert "Throughput:      " in out and "images/s (CPUExecutionProvider, 500 images in batches of 1024)" in out
+    assert "Model card:      model_card.md on final run" in out
 
 
 def test_run_tree(mlflow_client):
@@ -40,8 +43,12 @@ def test_run_tree(mlflow_client):
     sid = study.info.run_id
     configs = _runs(mlflow_client, exp.experiment_id, "configuration", f" and tags.mlflow.parentRunId = '{sid}'")
     assert sorted(r.info.run_name for r in configs) == ["blocks=1", "blocks=2"]
+    assert {f.path for f in mlflow_client.list_artifacts(sid, "figures")} == {"figures/model_selection.png",
+                                                                              "figures/fold_curves.png"}
     for cfg_run in configs:
         assert cfg_run.info.status == "FINISHED"
+        assert [f.path for f in mlflow_client.list_artifacts(cfg_run.info.run_id, "figures")] == [
+            "figures/fold_curves.png"]
         assert {"val_error_mean", "val_error_std", "train_error_mean", "rank"} <= set(cfg_run.data.metrics)
         folds = mlflow_client.search_runs([exp.experiment_id],
                                           f"tags.mlflow.parentRunId = '{cfg_run.info.run_id}'")
@@ -61,7 +68,9 @@ def test_run_tree(mlflow_client):
     assert final.data.tags["configuration"] == selected[0].info.run_name
     assert [m.step for m in mlflow_client.get_metric_history(final.info.run_id, "test_error")] == [1]
     figures = {f.path for f in mlflow_client.list_artifacts(final.info.run_id, "figures")}
-    assert figures == {"figures/model_selection.png", "figures/learning_curves.png", "figures/confusion_matrix.png"}
+    assert figures == {"figures/model_selection.png", "figures/learning_curves.png", "figures/confusion_matrix.png",
+                       "figures/misclassified.png", "figures/attention.png"}
+    assert "model_card.md" in {f.path for f in mlflow_client.list_artifacts(final.info.run_id)}
     assert final.data.metrics["parity_max_abs_diff"] <= 1e-4
     # ONNX Runtime accuracy equals PyTorch's on the same weights
     assert final.data.metrics["test_accuracy"] == pytest.approx(final.data.metrics["torch_test_accuracy"], abs=0.0021)
@@ -73,9 +82,32 @@ def test_figures_are_real_pngs(mlflow_client, tmp_path):
     local = mlflow_client.download_artifacts(final.info.run_id, "figures", str(tmp_path))
     from PIL import Image
 
-    for name in ("model_selection.png", "learning_curves.png", "confusion_matrix.png"):
+    for name in ("model_selection.png", "learning_curves.png", "confusion_matrix.png", "misclassified.png",
+                 "attention.png"):
         with Image.open(f"{local}/{name}") as image:
             assert image.format == "PNG" and image.width >= 500 and image.height >= 300
+
+
+def test_model_card_is_the_version_description(mlflow_client, smoke_runs, tmp_path):
+    """Each registered version's description is the model card logged on its final run, with the numbers the
+    terminal summary printed."""
+    for version, result in zip(("1", "2"), smoke_runs):
+        mv = mlflow_client.get_model_version("vit-mnist-smoke", version)
+        card = mv.description
+        assert card.startswith(f"# Model card: vit-mnist-smoke version {version}\n")
+        final_run = mv.tags["final_run_id"]
+        path = mlflow_client.download_artifacts(final_run, "model_card.md", str(tmp_path / version))
+        assert open(path, encoding="utf-8").read() == card
+        assert "`train-images-idx3-ubyte` | `6bbc9ace898e44ae57da46a324031adb`" in card
+        accuracy = next(l for l in result.stdout.splitlines() if l.startswith("Test accuracy (ONNX Runtime"))
+        assert accuracy.split(": ", 1)[1].split()[0] in card  # e.g. 81.40%
+        assert f"{100 * float(mv.tags['test_accuracy']):.2f}%" in card
+        rows = [re.split(r"\s{2,}", l.replace("<- selected", "").strip()) for l in result.stdout.splitlines()
+                if l[:1].isdigit() and "blocks=" in l]
+        assert len(rows) == 2
+        for rank, label, params, val_error, train_error in rows:  # the terminal's cells, in the card's CV table
+            line = next(l for l in card.splitlines() if l.startswith(f"| {rank} | ") and label in l)
+            assert f"| {params} | {val_error} | {train_error} |" in line
 
 
 def test_registered_model_and_aliases(mlflow_client, smoke_runs, session_env):

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# The local operations stack on loopback: Prefect server, MLflow tracking server, a process work pool with the
+# deployments from prefect.yaml, and a worker. Each service runs in its own process group, recorded in a pid file,
+# so that `stop` ends exactly those processes and nothing else.
+#
+#   scripts/stack.sh start | stop | status
+#
+# Settings (environment): PREFECT_PORT (4200), MLFLOW_PORT (5000), STACK_HOST (127.0.0.1), VITFLOW_POOL
+# (vitflow-pool), VITFLOW_STACK_DIR (.vitflow/stack: pids, logs, Prefect's database), VITFLOW_MLFLOW_DIR (mlflow:
+# the tracking store the server serves), VITFLOW_DATA_DIR (passed to flow runs).
+set -euo pipefail
+
+HOME_DIR="$(cd "$(dirname "$0")/.." && pwd)"
+BIN="${VITFLOW_BIN:-$HOME_DIR/.venv/bin}"
+HOST="${STACK_HOST:-127.0.0.1}"
+PREFECT_PORT="${PREFECT_PORT:-4200}"
+MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+POOL="${VITFLOW_POOL:-vitflow-pool}"
+STACK_DIR="$(mkdir -p "${VITFLOW_STACK_DIR:-$HOME_DIR/.vitflow/stack}" && cd "${VITFLOW_STACK_DIR:-$HOME_DIR/.vitflow/stack}" && pwd)"
+MLFLOW_DIR="$(mkdir -p "${VITFLOW_MLFLOW_DIR:-$HOME_DIR/mlflow}" && cd "${VITFLOW_MLFLOW_DIR:-$HOME_DIR/mlflow}" && pwd)"
+SERVICES=(worker mlflow prefect)  # stop order
+
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export PREFECT_API_URL="http://$HOST:$PREFECT_PORT/api"
+export MLFLOW_TRACKING_URI="http://$HOST:$MLFLOW_PORT"
+export VITFLOW_HOME="$HOME_DIR"
+
+die() { echo "stack: $*" >&2; exit 1; }
+
+port_free() {
+  "$BIN/python" - "$HOST" "$1" <<'EOF'
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind((sys.argv[1], int(sys.argv[2])))
+except OSError:
+    sys.exit(1)
+finally:
+    s.close()
+EOF
+}
+
+wait_http() {  # url, seconds, service
+  local deadline=$((SECONDS + $2))
+  until "$BIN/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "$1" 2>/dev/null; do
+    if ! alive "$3"; then die "$3 exited during start-up; see $STACK_DIR/$3.log"; fi
+    if (( SECONDS > deadline )); then die "$3 not healthy at $1 after $2 s; see $STACK_DIR/$3.log"; fi
+    sleep 1
+  done
+}
+
+alive() { [[ -f "$STACK_DIR/$1.pid" ]] && kill -0 "$(cat "$STACK_DIR/$1.pid")" 2>/dev/null; }
+
+launch() {  # name, command...: own session = own process group (pgid == pid)
+  local name=$1; shift
+  setsid "$@" >"$STACK_DIR/$name.log" 2>&1 < /dev/null &
+  echo $! >"$STACK_DIR/$name.pid"
+}
+
+start() {
+  [[ -x "$BIN/prefect" ]] || die "$BIN/prefect not found; run 'make install' first"
+  for svc in "${SERVICES[@]}"; do
+    alive "$svc" && die "$svc is already running (pid $(cat "$STACK_DIR/$svc.pid")); run 'make stop' first"
+  done
+  port_free "$PREFECT_PORT" || die "port $PREFECT_PORT on $HOST is already in use; choose another with PREFECT_PORT=..."
+  port_free "$MLFLOW_PORT" || die "port $MLFLOW_PORT on $HOST is already in use; choose another with MLFLOW_PORT=..."
+  trap 'echo "stack: start failed; stopping what was started" >&2; stop' EXIT  # no half-started stack
+
+  PREFECT_API_DATABASE_CONNECTION_URL="sqlite+aiosqlite:///$STACK_DIR/prefect.db" \
+    launch prefect "$BIN/prefect" server start --host "$HOST" --port "$PREFECT_PORT"
+  MLFLOW_HOST="$HOST" MLFLOW_BIN="$BIN/mlflow" VITFLOW_MLFLOW_DIR="$MLFLOW_DIR" \
+    launch mlflow "$HOME_DIR/mlflow/server.sh"
+  wait_http "http://$HOST:$PREFECT_PORT/api/health" 90 prefect
+  wait_http "http://$HOST:$MLFLOW_PORT/health" 90 mlflow
+
+  (cd "$HOME_DIR" && "$BIN/prefect" --no-prompt work-pool create "$POOL" --type process --overwrite) \
+    >>"$STACK_DIR/deploy.log" 2>&1 || die "could not create work pool $POOL; see $STACK_DIR/deploy.log"
+  (cd "$HOME_DIR" && "$BIN/prefect" --no-prompt deploy --all --pool "$POOL") \
+    >>"$STACK_DIR/deploy.log" 2>&1 || die "prefect deploy --all failed; see $STACK_DIR/deploy.log"
+  (cd "$HOME_DIR" && launch worker "$BIN/prefect" worker start --pool "$POOL" --type process)
+  sleep 2
+  alive worker || die "the worker exited at start; see $STACK_DIR/worker.log"
+  trap - EXIT
+
+  cat <<EOF
+Stack up on $HOST (logs and pids in $STACK_DIR):
+  Prefect UI   http://$HOST:$PREFECT_PORT
+  MLflow UI    http://$HOST:$MLFLOW_PORT
+  work pool    $POOL, deployments: vit-pipeline/seed-study, vit-pipeline/scheduled-retraining
+Point the Prefect CLI at it, then run the study:
+  export PREFECT_API_URL=$PREFECT_API_URL
+  .venv/bin/prefect deployment run 'vit-pipeline/seed-study' --watch
+Stop everything with: make stop
+EOF
+}
+
+stop_one() {
+  local svc=$1 pid
+  [[ -f "$STACK_DIR/$svc.pid" ]] || return 0
+  pid=$(cat "$STACK_DIR/$svc.pid")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    for _ in $(seq 1 20); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -TERM -- "-$pid" 2>/dev/null || true  # a Prefect worker wants a second SIGTERM
+    for _ in $(seq 1 10); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    echo "stopped $svc (process group $pid)"
+  fi
+  rm -f "$STACK_DIR/$svc.pid"
+}
+
+stop() { for svc in "${SERVICES[@]}"; do stop_one "$svc"; done; }
+
+status() {
+  for svc in prefect mlflow worker; do
+    if alive "$svc"; then echo "$svc: running (pid $(cat "$STACK_DIR/$svc.pid"))"; else echo "$svc: stopped"; fi
+  done
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac

@@ -3,12 +3,12 @@ run through `prefect deployment run`, results read back over the MLflow HTTP API
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
 import subprocess
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -135,42 +135,49 @@ def _look_at_mlflow_ui(env, experiment_id: str) -> None:
         pytest.skip("browser check disabled by VITFLOW_BROWSER_TESTS=0")
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     assert chromium and driver, "Debian's chromium and chromium-driver are needed (.ci/run installs them)"
+    from mlflow.tracking import MlflowClient
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.keys import Keys
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1600,1000"):
+                 "--window-size=2400,1000"):
         options.add_argument(flag)
     browser = webdriver.Chrome(service=Service(driver), options=options)
     try:
-        url = f"{env['MLFLOW_TRACKING_URI']}/#/experiments/{experiment_id}"
-        browser.get(url)
-        deadline = time.time() + 60
-        text = ""
-        while time.time() < deadline:
-            text = browser.find_element("tag name", "body").text
-            if "smoke study" in text:
-                break
-            time.sleep(1)
-        # Nested runs start collapsed under their study: expand every parent row.
-        for button in browser.find_elements("css selector", "[data-testid='nested-runs-expander'], "
-                                            "button[aria-label*='xpand']"):
-            try:
-                button.click()
-            except Exception:
-                pass
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            text = browser.find_element("tag name", "body").text
-            if "blocks=1" in text and "blocks=2" in text:
-                break
-            time.sleep(1)
+        flt = urllib.parse.quote("tags.`vitflow.role` = 'configuration'")
+        browser.get(f"{env['MLFLOW_TRACKING_URI']}/#/experiments/{experiment_id}/runs?searchFilter={flt}")
+        _wait_text(browser, "smoke study")
+        # Configuration runs are nested under their study run, collapsed: expand the parents.
+        for button in browser.find_elements("css selector", "button[data-component-id*='runnamecellrenderer']"):
+            button.click()
+        _wait_text(browser, "blocks=1", "blocks=2")
+        # Show the cross-validation metrics as columns, as a person comparing configurations would.
+        browser.find_element("css selector", "[data-testid='column-selection-dropdown']").click()
+        for metric in ("val_error_mean", "train_error_mean"):
+            _wait_text(browser, metric)
+            browser.find_elements("xpath", f"//*[normalize-space(text())='{metric}']")[-1].click()
+        browser.find_element("tag name", "body").send_keys(Keys.ESCAPE)
+        text = _wait_text(browser, "val_error_mean", "train_error_mean")
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "mlflow-ui-experiment.png"))
-        assert "blocks=1" in text and "blocks=2" in text, text[:3000]
-        assert "val_error_mean" in text or "val_error" in text, text[:3000]
+        client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+        configs = client.search_runs([experiment_id], "tags.`vitflow.role` = 'configuration'")
+        for run in configs:  # each configuration's mean validation error is on the page
+            assert str(run.data.metrics['val_error_mean'])[:5] in text, (run.info.run_name, text[:3000])
     finally:
         browser.quit()
+
+
+def _wait_text(browser, *needles: str, seconds: float = 60) -> str:
+    deadline = time.time() + seconds
+    while True:
+        text = browser.find_element("tag name", "body").text
+        if all(n in text for n in needles):
+            return text
+        if time.time() > deadline:
+            raise AssertionError(f"MLflow UI never showed {needles}; page text: {text[:2000]}")
+        time.sleep(0.5)

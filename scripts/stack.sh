@@ -5,8 +5,7 @@
 #
 #   scripts/stack.sh start | stop | status
 #
-# Settings (environment): PREFECT_PORT (4200), MLFLOW_PORT (5000), STACK_HOST (127.0.0.1), VITFLOW_POOL
-# (vitflow-pool), VITFLOW_STACK_DIR (.vitflow/stack: pids, logs, Prefect's database), VITFLOW_MLFLOW_DIR (mlflow:
+# Settings (environment): PREFECT_PORT (4200), MLFLOW_PORT (5000), STACK_HOST (127.0.0.1), VITFLOW_STACK_DIR (.vitflow/stack: pids, logs, Prefect's database), VITFLOW_MLFLOW_DIR (mlflow:
 # the tracking store the server serves), VITFLOW_DATA_DIR (passed to flow runs).
 set -euo pipefail
 
@@ -15,7 +14,7 @@ BIN="${VITFLOW_BIN:-$HOME_DIR/.venv/bin}"
 HOST="${STACK_HOST:-127.0.0.1}"
 PREFECT_PORT="${PREFECT_PORT:-4200}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
-POOL="${VITFLOW_POOL:-vitflow-pool}"
+POOL=vitflow-pool  # named in prefect.yaml
 STACK_DIR="$(mkdir -p "${VITFLOW_STACK_DIR:-$HOME_DIR/.vitflow/stack}" && cd "${VITFLOW_STACK_DIR:-$HOME_DIR/.vitflow/stack}" && pwd)"
 MLFLOW_DIR="$(mkdir -p "${VITFLOW_MLFLOW_DIR:-$HOME_DIR/mlflow}" && cd "${VITFLOW_MLFLOW_DIR:-$HOME_DIR/mlflow}" && pwd)"
 SERVICES=(worker mlflow prefect)  # stop order
@@ -76,7 +75,7 @@ start() {
 
   (cd "$HOME_DIR" && "$BIN/prefect" --no-prompt work-pool create "$POOL" --type process --overwrite) \
     >>"$STACK_DIR/deploy.log" 2>&1 || die "could not create work pool $POOL; see $STACK_DIR/deploy.log"
-  (cd "$HOME_DIR" && "$BIN/prefect" --no-prompt deploy --all --pool "$POOL") \
+  (cd "$HOME_DIR" && "$BIN/prefect" --no-prompt deploy --all) \
     >>"$STACK_DIR/deploy.log" 2>&1 || die "prefect deploy --all failed; see $STACK_DIR/deploy.log"
   (cd "$HOME_DIR" && launch worker "$BIN/prefect" worker start --pool "$POOL" --type process)
   sleep 2

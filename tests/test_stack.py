@@ -40,7 +40,7 @@ def stack(tmp_path_factory, data_root):
     env.update({
         "PREFECT_PORT": str(_free_port()), "MLFLOW_PORT": str(_free_port()),
         "VITFLOW_STACK_DIR": str(base / "state"), "VITFLOW_MLFLOW_DIR": str(base / "mlflow"),
-        "VITFLOW_POOL": "vitflow-test-pool", "PREFECT_HOME": str(base / "prefect-home"),
+        "PREFECT_HOME": str(base / "prefect-home"),
         "VITFLOW_DATA_DIR": str(data_root), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     })
     env.pop("MLFLOW_TRACKING_URI", None)

@@ -81,15 +81,19 @@ start() {
   sleep 2
   alive worker || die "the worker exited at start; see $STACK_DIR/worker.log"
   trap - EXIT
+  # Point the Prefect CLI's active profile at this server, so that a plain `prefect deployment run` finds it
+  # (undone by stop). PREFECT_API_URL in the environment still wins over the profile.
+  "$BIN/prefect" --no-prompt config set "PREFECT_API_URL=$PREFECT_API_URL" >/dev/null
+  echo "$PREFECT_API_URL" >"$STACK_DIR/profile-api-url"
 
   cat <<EOF
 Stack up on $HOST (logs and pids in $STACK_DIR):
   Prefect UI   http://$HOST:$PREFECT_PORT
   MLflow UI    http://$HOST:$MLFLOW_PORT
   work pool    $POOL, deployments: vit-pipeline/seed-study, vit-pipeline/scheduled-retraining
-Point the Prefect CLI at it, then run the study:
-  export PREFECT_API_URL=$PREFECT_API_URL
-  .venv/bin/prefect deployment run 'vit-pipeline/seed-study' --watch
+The Prefect CLI's profile now points at it (PREFECT_API_URL=$PREFECT_API_URL). Run the study:
+  source .venv/bin/activate
+  prefect deployment run 'vit-pipeline/seed-study' --watch
 Stop everything with: make stop
 EOF
 }
@@ -109,7 +113,15 @@ stop_one() {
   rm -f "$STACK_DIR/$svc.pid"
 }
 
-stop() { for svc in "${SERVICES[@]}"; do stop_one "$svc"; done; }
+stop() {
+  for svc in "${SERVICES[@]}"; do stop_one "$svc"; done
+  if [[ -f "$STACK_DIR/profile-api-url" ]]; then  # undo the profile setting if it is still ours
+    if [[ "$(env -u PREFECT_API_URL "$BIN/prefect" config view 2>/dev/null | grep -o "PREFECT_API_URL='[^']*'")" == "PREFECT_API_URL='$(cat "$STACK_DIR/profile-api-url")'" ]]; then
+      "$BIN/prefect" --no-prompt config unset PREFECT_API_URL >/dev/null 2>&1 || true
+    fi
+    rm -f "$STACK_DIR/profile-api-url"
+  fi
+}
 
 status() {
   for svc in prefect mlflow worker; do

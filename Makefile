@@ -51,7 +51,7 @@ status:
 clean:
 	rm -rf models .pytest_cache
 
-# The README's figures (docs/*.png), regenerated from a real smoke run by scripts/readme_figures.py.
+# The README's figures (docs/*.png), regenerated from a real seed study by scripts/readme_figures.py.
 .PHONY: figures
 figures: install
 	$(BIN)/python scripts/readme_figures.py

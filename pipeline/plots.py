@@ -38,13 +38,13 @@ def model_selection(rows: Sequence[dict], best_label: str) -> Figure:
         fy = [100 * v for f in folds for v in f]
         ax.scatter(fx, fy, s=18, color="#5a2d0c", zorder=3, label="validation error of each fold")
     best = labels.index(best_label)
-    ax.annotate("selected", (x[best] + width / 2, 100 * rows[best]["val_error_mean"]),
-                xytext=(0, 18), textcoords="offset points", ha="center", fontweight="bold",
-                arrowprops={"arrowstyle": "->"})
+    tip = 100 * max([rows[best]["val_error_mean"] + rows[best]["val_error_std"], *folds[best]])
+    ax.annotate("selected", (x[best] + width / 2, tip), xytext=(0, 22), textcoords="offset points", ha="center",
+                fontweight="bold", arrowprops={"arrowstyle": "->"})
     ax.set_xticks(x, labels)
     ax.set_xlabel("configuration")
     ax.set_ylabel("misclassification error (%)")
-    ax.set_title(f"Model selection: {len(folds[0]) if folds and folds[0] else 'k'}-fold cross-validated error "
+    ax.set_title(f"Model selection: {len(folds[0]) if folds and folds[0] else 'k'}-fold cross-validated error\n"
                  f"per configuration (lower is better)")
     ax.legend(loc="upper right", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
@@ -122,8 +122,8 @@ def misclassified(images: np.ndarray, true: np.ndarray, probabilities: np.ndarra
                      color="#b00020")
     if not len(shown):
         axes[0, 0].text(0, 0.5, "no misclassified images", fontsize=12, transform=axes[0, 0].transAxes)
-    fig.suptitle(f"{title}: {len(shown)} of {len(wrong)} errors in {len(true)} images, most confident first "
-                 f"(true digit → predicted digit, probability of the prediction)", fontsize=11)
+    fig.suptitle(f"{title}: {len(shown)} of {len(wrong)} errors in {len(true)} images, most confident first\n"
+                 f"(true digit → predicted digit, probability the model gave its prediction)", fontsize=11)
     return fig
 
 
@@ -223,6 +223,6 @@ def fold_curves_grid(rows: Sequence[dict], best_label: str) -> Figure:
             ax.set_ylabel("")
     axes.flat[0].legend(fontsize=7)
     folds = len(rows[0]["fold_histories"])
-    fig.suptitle(f"Cross-validation learning curves: {len(rows)} configurations x {folds} folds "
+    fig.suptitle(f"Cross-validation learning curves: {len(rows)} configurations x {folds} folds\n"
                  f"(dashed: training, solid: validation; one colour per fold)")
     return fig

@@ -103,7 +103,7 @@ def model_card(s: dict[str, Any], max_cv_rows: int | None = None) -> str:
     data = s["data"]
     cfg = s["configuration"]
     title = f"# Model card: {reg['model_name']} version {reg['version']}"
-    intro = (f"Study **{s['study']}**{': ' + s['description'] if s.get('description') else ''}. "
+    intro = (f"Study **{s['study']}**{' (preset: ' + s['description'] + ')' if s.get('description') else ''}. "
              f"Selected configuration **{s['selected']}** by {folds_of(s['leaderboard'])}-fold cross-validation "
              f"over {len(s['leaderboard'])} configurations, retrained on all {data['train_images']:,} training "
              f"images, exported to ONNX and scored once more with ONNX Runtime on {data['test_images']:,} test "

@@ -1,12 +1,13 @@
 """Regenerate the README's figures (docs/*.png) from a real run of the project's own pipeline.
 
-By default runs ``vitflow run --config smoke --set data.train_subset=6000 --set train.epochs=3`` (about a minute on
-two cores) into a throw-away MLflow store, then takes the figures its final run logged and writes them to docs/,
-re-encoded as palette PNGs so each stays under --max-kb. With --tracking-uri it skips the run and uses the latest
-final run of --experiment in that store.
+By default runs the seed study (``vitflow run --config seed``: about 2 minutes on one GPU, much longer on a few CPU
+cores) into a throw-away MLflow store, then takes the figures its final run logged and writes them to docs/,
+re-encoded as palette PNGs so each stays under --max-kb. Arguments after ``--`` replace the run's arguments. With
+--tracking-uri it skips the run and uses the latest finished final run in that store (of --experiment if given).
 
     .venv/bin/python scripts/readme_figures.py            # or: make figures
-    .venv/bin/python scripts/readme_figures.py --tracking-uri sqlite:////tmp/fig/mlflow.db
+    .venv/bin/python scripts/readme_figures.py -- --config smoke --set data.train_subset=6000 --set train.epochs=3
+    .venv/bin/python scripts/readme_figures.py --tracking-uri sqlite:////tmp/fig/mlflow.db --experiment vitflow-seed
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_RUN = ["--config", "smoke", "--set", "data.train_subset=6000", "--set", "train.epochs=3"]
+DEFAULT_RUN = ["--config", "seed"]
 DEFAULT_FIGURES = ["model_selection", "attention"]
 
 
@@ -32,17 +33,21 @@ def run_study(tracking_uri: str, args: list[str]) -> None:
     subprocess.run([sys.executable, "-m", "flows.cli", "run", *args], cwd=REPO, env=env, check=True)
 
 
-def latest_final_run(tracking_uri: str, experiment: str) -> str:
+def latest_final_run(tracking_uri: str, experiment: str | None) -> str:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        sys.exit(f"readme_figures: no experiment {experiment!r} in {tracking_uri}")
-    runs = client.search_runs([exp.experiment_id], "tags.`vitflow.role` = 'final' and attributes.status = 'FINISHED'",
+    if experiment:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            sys.exit(f"readme_figures: no experiment {experiment!r} in {tracking_uri}")
+        ids = [exp.experiment_id]
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids, "tags.`vitflow.role` = 'final' and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
-        sys.exit(f"readme_figures: no finished final run in experiment {experiment!r}")
+        sys.exit(f"readme_figures: no finished final run in {experiment or tracking_uri!r}")
     return runs[0].info.run_id
 
 
@@ -66,7 +71,7 @@ def compact_png(source: Path, target: Path, max_kb: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tracking-uri", help="use this MLflow store as it is (no new run)")
-    parser.add_argument("--experiment", default="vitflow-smoke")
+    parser.add_argument("--experiment", help="default: any experiment in the store")
     parser.add_argument("--out", default=str(REPO / "docs"))
     parser.add_argument("--figures", nargs="+", default=DEFAULT_FIGURES, help="names under figures/ on the final run")
     parser.add_argument("--max-kb", type=int, default=150)

@@ -56,7 +56,7 @@ def test_run_tree(mlflow_client):
         for fold in folds:
             assert fold.info.status == "FINISHED"
             history = mlflow_client.get_metric_history(fold.info.run_id, "val_error")
-            assert [m.step for m in history] == [1]  # one point per epoch
+            assert [m.step for m in history] == [1, 2]  # one point per epoch
             assert {"train_loss", "train_error", "val_loss"} <= set(fold.data.metrics)
     selected = [r for r in configs if r.data.tags["selected"] == "true"]
     assert len(selected) == 1 and selected[0].data.metrics["rank"] == 1
@@ -66,7 +66,7 @@ def test_run_tree(mlflow_client):
     final = finals[0]
     assert final.info.status == "FINISHED"
     assert final.data.tags["configuration"] == selected[0].info.run_name
-    assert [m.step for m in mlflow_client.get_metric_history(final.info.run_id, "test_error")] == [1]
+    assert [m.step for m in mlflow_client.get_metric_history(final.info.run_id, "test_error")] == [1, 2]
     figures = {f.path for f in mlflow_client.list_artifacts(final.info.run_id, "figures")}
     assert figures == {"figures/model_selection.png", "figures/learning_curves.png", "figures/confusion_matrix.png",
                        "figures/misclassified.png", "figures/attention.png"}

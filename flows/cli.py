@@ -43,6 +43,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"Test accuracy (ONNX Runtime, {s['provider']}): {n['test_accuracy']}  "
         f"[PyTorch: {n['torch_test_accuracy']}, parity max |diff| {n['parity']}]",
         f"Throughput:      {n['throughput_detail']}",
+        f"CV folds:        {s.get('folds_trained', '?')} trained, {s.get('folds_reused', 0)} reused from an earlier "
+        f"run of this study" + (" (vitflow run --fresh retrains all)" if s.get("folds_reused") else ""),
         f"ONNX model:      {s['onnx_path']}",
         f"Registered:      {reg['model_uri']} -> @{reg['alias']} ({reg['reason']})",
         f"Model card:      model_card.md on final run {s['final_run_id']} (also the version's description)",
@@ -64,16 +66,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _sigterm)
     try:
-        summary = vit_pipeline(config=args.config, overrides=args.set)
+        summary = vit_pipeline(config=args.config, overrides=args.set, fresh=args.fresh)
     except (DataError, ConfigError) as exc:
         print(f"vitflow: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("vitflow: interrupted; open MLflow runs were marked KILLED", file=sys.stderr)
-        return 130
     except Exception as exc:  # the flow's log above has the traceback; end with the cause in one line
         print(f"vitflow: study failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except BaseException as exc:  # SIGINT, or SIGTERM (ours or Prefect's TerminationSignal)
+        if isinstance(exc, SystemExit):
+            raise
+        signum = getattr(exc, "signal", None) or (signal.SIGTERM if "signal 15" in str(exc) else signal.SIGINT)
+        print(f"vitflow: interrupted ({signal.Signals(signum).name}); open MLflow runs were marked KILLED",
+              file=sys.stderr)
+        return 128 + int(signum)
     print(format_summary(summary))
     return 0
 
@@ -107,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                      help=f"preset name ({', '.join(list_presets())}) or path to a YAML file (default: seed)")
     run.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                      help="override one setting, e.g. --set train.epochs=2 --set cv.grid.model.depth=[2,3]")
+    run.add_argument("--fresh", action="store_true",
+                     help="retrain every fold even if an earlier run of the same study finished it")
     run.set_defaults(func=cmd_run)
     srv = sub.add_parser("serve", help="serve the deployments seed-study and scheduled-retraining from this "
                          "process (needs PREFECT_API_URL pointing at a Prefect server); Ctrl-C stops")

@@ -25,6 +25,12 @@ from pipeline.tracking import PROJECT_ROOT, Tracker, failure_status, tracking_ur
 from pipeline.train import configure_threads, resolve_device  # noqa: E402
 
 MAX_FOLD_WORKERS = 16
+RESULTS_DIR_ENV = "VITFLOW_RESULTS_DIR"
+
+
+def results_dir() -> Path:
+    """Where finished folds are kept for resuming: $VITFLOW_RESULTS_DIR, default .vitflow/results (git-ignored)."""
+    return Path(os.environ.get(RESULTS_DIR_ENV) or PROJECT_ROOT / ".vitflow" / "results").resolve()
 
 
 def _retry_download_only(task, task_run, state) -> bool:
@@ -47,9 +53,15 @@ def acquire_data(data_cfg: DataConfig) -> tuple[Path, dict[str, str]]:
     return root, md5
 
 
-@task(name="train-fold", cache_policy=NO_CACHE, task_run_name="{label} fold {fold_number}")
+def _fold_cache_key(context, parameters: dict[str, Any]) -> str:
+    return parameters["cache_key"]  # configuration + fold + data md5 + code version (pipeline.study.Study.fold_key)
+
+
+@task(name="train-fold", task_run_name="{label} fold {fold_number}", cache_key_fn=_fold_cache_key,
+      persist_result=True, result_serializer="json")
 def train_fold(study: steps.Study, index: int, fold_index: int, configuration_run_id: str, label: str,
-               fold_number: int) -> dict[str, Any]:
+               fold_number: int, cache_key: str) -> dict[str, Any]:
+    """One fold; its result is kept in the local result store, so a re-run of a crashed study skips it."""
     result = steps.train_fold(study, index, fold_index, configuration_run_id)
     get_run_logger().info("%s fold %d: val_error %.4f (%.1f s)", label, fold_number, result["val_error"],
                           result["seconds"])
@@ -96,9 +108,10 @@ def fold_concurrency(cfg: StudyConfig, jobs: int) -> int:
 
 
 @flow(name="vit-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=MAX_FOLD_WORKERS), log_prints=True)
-def vit_pipeline(config: str = "seed", overrides: list[str] | None = None) -> dict[str, Any]:
+def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh: bool = False) -> dict[str, Any]:
     """Run a study: ``config`` is a preset name (configs/<name>.yaml) or a YAML path; ``overrides`` are
-    ``key=value`` strings (e.g. ``train.epochs=2``)."""
+    ``key=value`` strings (e.g. ``train.epochs=2``). Folds finished by an earlier run of the same study (same
+    configuration, data and code) are reused from the result store unless ``fresh`` is set."""
     started = time.perf_counter()
     cfg = load_config(config, overrides)  # fails here, before any work, on a bad configuration
     logger = get_run_logger()
@@ -123,16 +136,27 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None) -> di
 
         mark = time.perf_counter()
         config_runs = [steps.start_configuration(study, i) for i in range(len(study.candidates))]
+        fold_task = train_fold.with_options(result_storage=results_dir(),
+                                            refresh_cache=fresh or not cfg.cv.resume)
         results = []
         for index, fold_index in jobs:
             if len(running) >= workers:
                 done = next(as_completed(running))
                 running.remove(done)
                 results.append(done.result())
-            running.append(train_fold.submit(quote(study), index, fold_index, config_runs[index],
-                                             study.candidates[index].label, fold_index + 1))
+            running.append(fold_task.submit(quote(study), index, fold_index, config_runs[index],
+                                            study.candidates[index].label, fold_index + 1,
+                                            study.fold_key(index, fold_index)))
         while running:
             results.append(running.pop(0).result())
+        for i, result in enumerate(results):
+            if result["configuration_run_id"] != config_runs[result["candidate_index"]]:  # served from the cache
+                results[i] = steps.record_cached_fold(study, result, config_runs[result["candidate_index"]])
+        reused = sum("cached_from" in r for r in results)
+        tracker.log_metrics(study.run_id, {"folds_reused": reused, "folds_trained": len(results) - reused})
+        if reused:
+            logger.info("resumed: %d of %d folds reused from the result store %s", reused, len(results),
+                        results_dir())
         leaderboard = aggregate(quote(study), results)
         for row in leaderboard:
             steps.close_configuration(study, row, config_runs[row["candidate_index"]])
@@ -161,6 +185,7 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None) -> di
                                            "best_val_error_mean": leaderboard[0]["val_error_mean"]})
         summary = steps.summarize(study, leaderboard, result, final_run, onnx_path, parity, report, registration,
                                   timings)
+        summary["folds_reused"], summary["folds_trained"] = reused, len(results) - reused
         card = model_card(quote(study), summary)  # model_card.md on the final run, the version's description
         tracker.end_run(study.run_id)
     except BaseException as exc:

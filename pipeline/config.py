@@ -78,6 +78,7 @@ class CVConfig(_Strict):
     folds: int = Field(3, ge=2)
     seed: int = 0
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    resume: bool = Field(True, description="reuse folds finished by an earlier run of the same study")
     concurrency: int | None = Field(None, gt=0, description="fold tasks trained at once; None: auto (CPU: one per core, CUDA: 4)")
 
     @field_validator("grid")

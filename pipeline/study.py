@@ -3,6 +3,8 @@ flows/ chains them as Prefect tasks; a notebook or a test can call them directly
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -21,13 +23,23 @@ from pipeline.inference import OnnxClassifier, evaluate_onnx, preferred_provider
 from pipeline.model import build_model, count_parameters
 from pipeline.report import model_card, version_description
 from pipeline.tracking import Tracker, flatten, git_commit, package_versions, promote
-from pipeline.train import FitResult, fit, resolve_device, to_pixels
+from pipeline.train import FitResult, TrainingAborted, fit, resolve_device, to_pixels
 
 ROLE = "vitflow.role"
+PIPELINE_DIR = Path(__file__).resolve().parent
 
 
-class StudyAborted(RuntimeError):
-    """A fold stopped because another part of the study failed."""
+def code_version() -> str:
+    """Hash of the library's source: cached fold results are reused only by the code that produced them."""
+    digest = hashlib.sha256()
+    for path in sorted(PIPELINE_DIR.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 @dataclass
@@ -46,6 +58,20 @@ class Study:
     def __post_init__(self) -> None:
         self.candidates = self.cfg.candidates()
         self.folds = stratified_folds(self.data.train_labels, self.cfg.cv.folds, self.cfg.cv.seed)
+        self.code_version = code_version()
+
+    @property
+    def key(self) -> str:
+        """Same configuration, same data, same code -> same key: what a resumed study shares with the crashed one."""
+        return _hash({"config": self.cfg.model_dump(mode="json"), "md5": self.data.md5, "code": self.code_version})
+
+    def fold_key(self, index: int, fold_index: int) -> str:
+        """Cache key of one fold's result: everything that determines it, nothing that does not."""
+        cand = self.candidates[index]
+        return _hash({"model": cand.model.model_dump(mode="json"), "train": cand.train.model_dump(mode="json"),
+                      "folds": self.cfg.cv.folds, "cv_seed": self.cfg.cv.seed, "fold_index": fold_index,
+                      "seed": fold_seed(self, fold_index), "md5": self.data.md5, "code": self.code_version,
+                      "subset": self.cfg.data.model_dump(include={"train_subset", "subset_seed"})})
 
 
 def study_tags(study: Study, device: str) -> dict[str, Any]:
@@ -61,8 +87,37 @@ def start_study(study: Study) -> str:
     params = flatten("", study.cfg.model_dump(mode="json"))
     params.update({"data.train_images": len(study.data.train_labels), "data.test_images": len(study.data.test_labels),
                    "cv.candidates": len(study.candidates)})
-    study.run_id = study.tracker.start_run(f"{study.cfg.name} study", tags=study_tags(study, device), params=params)
+    tags = {**study_tags(study, device), "study_key": study.key, "code_version": study.code_version}
+    crashed = find_crashed_study(study)
+    if crashed is not None:
+        tags["resumed_from"] = crashed
+    study.run_id = study.tracker.start_run(f"{study.cfg.name} study", tags=tags, params=params)
+    study.tracker.set_tags(study.run_id, {"study_run_id": study.run_id})
+    if crashed is not None:
+        close_stale_runs(study, crashed)
     return study.run_id
+
+
+def find_crashed_study(study: Study) -> str | None:
+    """The latest earlier run of this very study (same key) that did not finish, if any."""
+    runs = study.tracker.client.search_runs(
+        [study.tracker.experiment_id],
+        filter_string=f"tags.`{ROLE}` = 'study' and tags.study_key = '{study.key}' and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def close_stale_runs(study: Study, crashed_run_id: str) -> list[str]:
+    """Runs a killed process left RUNNING (SIGKILL leaves no chance to clean up) end KILLED, tagged with the
+    study that took over."""
+    stale = study.tracker.client.search_runs(
+        [study.tracker.experiment_id],
+        filter_string=f"tags.study_run_id = '{crashed_run_id}' and attributes.status = 'RUNNING'", max_results=1000)
+    for run in stale:
+        study.tracker.set_tags(run.info.run_id, {"closed_by": study.run_id,
+                                                 "error": "the process running it died; closed by the resumed study"})
+        study.tracker.end_run(run.info.run_id, "KILLED")
+    return [r.info.run_id for r in stale]
 
 
 def start_configuration(study: Study, index: int) -> str:
@@ -72,7 +127,7 @@ def start_configuration(study: Study, index: int) -> str:
               **flatten("train", cand.train.model_dump(mode="json"))}
     return study.tracker.start_run(cand.label, parent_id=study.run_id, params=params,
                                    tags={ROLE: "configuration", "configuration": cand.label,
-                                         "candidate_index": index})
+                                         "candidate_index": index, "study_run_id": study.run_id})
 
 
 def fold_seed(study: Study, fold_index: int) -> int:
@@ -81,28 +136,48 @@ def fold_seed(study: Study, fold_index: int) -> int:
 
 
 def train_fold(study: Study, index: int, fold_index: int, configuration_run_id: str) -> dict[str, Any]:
-    """Train one configuration on one fold; per-epoch metrics go to a fold run under the configuration's run."""
+    """Train one configuration on one fold; per-epoch metrics go to a fold run under the configuration's run.
+    The returned dict is plain JSON (it is what the result store keeps for a resumed study)."""
     cand = study.candidates[index]
     k = study.cfg.cv.folds
     train_idx, val_idx = study.folds[fold_index]
     x, y = study.data.train_images, study.data.train_labels
     name = f"fold {fold_index + 1}/{k}"
-    with study.tracker.run(name, parent_id=configuration_run_id,
-                           tags={ROLE: "fold", "configuration": cand.label, "fold_index": fold_index},
-                           params={"fold_index": fold_index, "folds": k, "seed": fold_seed(study, fold_index),
-                                   "train_images": len(train_idx), "val_images": len(val_idx)}) as run_id:
-        def report(epoch: int, metrics: dict[str, float]) -> None:
-            study.tracker.log_metrics(run_id, metrics, step=epoch)
-            if study.abort.is_set():  # another part of the study failed: stop instead of finishing for nothing
-                raise StudyAborted(f"{cand.label} {name}: stopped after epoch {epoch} because the study failed")
-
+    with study.tracker.run(name, parent_id=configuration_run_id, tags=_fold_tags(study, index, fold_index),
+                           params=_fold_params(study, fold_index)) as run_id:
         if study.abort.is_set():
-            raise StudyAborted(f"{cand.label} {name}: not started because the study failed")
+            raise TrainingAborted(f"{cand.label} {name}: not started because the study is stopping")
         result = fit(cand.model, cand.train, x[train_idx], y[train_idx], {"val": (x[val_idx], y[val_idx])},
-                     seed=fold_seed(study, fold_index), desc=f"{cand.label} {name}", callback=report)
+                     seed=fold_seed(study, fold_index), desc=f"{cand.label} {name}", should_stop=study.abort.is_set,
+                     callback=lambda epoch, m: study.tracker.log_metrics(run_id, m, step=epoch))
         study.tracker.log_metrics(run_id, {"fit_seconds": result.seconds})
-    return {"candidate_index": index, "fold_index": fold_index, "run_id": run_id, "history": result.history,
+    return {"candidate_index": index, "fold_index": fold_index, "run_id": run_id,
+            "configuration_run_id": configuration_run_id, "history": result.history,
             "parameters": count_parameters(result.model), "seconds": result.seconds, **result.final}
+
+
+def _fold_tags(study: Study, index: int, fold_index: int) -> dict[str, Any]:
+    return {ROLE: "fold", "configuration": study.candidates[index].label, "fold_index": fold_index,
+            "study_run_id": study.run_id, "fold_key": study.fold_key(index, fold_index)}
+
+
+def _fold_params(study: Study, fold_index: int) -> dict[str, Any]:
+    train_idx, val_idx = study.folds[fold_index]
+    return {"fold_index": fold_index, "folds": study.cfg.cv.folds, "seed": fold_seed(study, fold_index),
+            "train_images": len(train_idx), "val_images": len(val_idx)}
+
+
+def record_cached_fold(study: Study, result: dict[str, Any], configuration_run_id: str) -> dict[str, Any]:
+    """A fold reused from the result store still gets its run in this study's tree: the stored per-epoch metrics
+    are replayed into it and it points at the run that trained it (tag ``cached_from``)."""
+    index, fold_index = result["candidate_index"], result["fold_index"]
+    tags = {**_fold_tags(study, index, fold_index), "cached_from": result["run_id"]}
+    with study.tracker.run(f"fold {fold_index + 1}/{study.cfg.cv.folds}", parent_id=configuration_run_id,
+                           tags=tags, params=_fold_params(study, fold_index)) as run_id:
+        for epoch, metrics in enumerate(result["history"], 1):
+            study.tracker.log_metrics(run_id, metrics, step=epoch)
+        study.tracker.log_metrics(run_id, {"fit_seconds": result["seconds"]})
+    return {**result, "run_id": run_id, "configuration_run_id": configuration_run_id, "cached_from": result["run_id"]}
 
 
 def aggregate(study: Study, fold_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -148,7 +223,7 @@ def retrain(study: Study, leaderboard: list[dict[str, Any]]) -> tuple[FitResult,
     study.tracker.log_figure(study.run_id, plots.fold_curves_grid(leaderboard, best.label), "figures/fold_curves.png")
     run_id = study.tracker.start_run(
         "final", parent_id=study.run_id,
-        tags={ROLE: "final", "configuration": best.label},
+        tags={ROLE: "final", "configuration": best.label, "study_run_id": study.run_id},
         params={"configuration": best.label, **flatten("model", best.model.model_dump(mode="json")),
                 **flatten("train", best.train.model_dump(mode="json")),
                 "train_images": len(study.data.train_labels), "test_images": len(study.data.test_labels)})

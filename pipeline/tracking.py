@@ -110,7 +110,7 @@ class Tracker:
         all_tags = {k: str(v) for k, v in (tags or {}).items()}
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run = _retry_locked(self.client.create_run, self.experiment_id, run_name=name, tags=all_tags)
         run_id = run.info.run_id
         with self._lock:
             self._open.add(run_id)
@@ -119,7 +119,7 @@ class Tracker:
         return run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+        _retry_locked(self.client.set_terminated, run_id, status=status)
         with self._lock:
             self._open.discard(run_id)
 
@@ -149,17 +149,18 @@ class Tracker:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
+            _retry_locked(self.client.log_batch, run_id, params=items[i:i + 100], synchronous=True)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
         import time
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self.client.log_batch(run_id, metrics=items, synchronous=True)
+        _retry_locked(self.client.log_batch, run_id, metrics=items, synchronous=True)
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+        _retry_locked(self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()],
+                      synchronous=True)
 
     def log_figure(self, run_id: str, figure: Any, path: str) -> None:
         import matplotlib.pyplot as plt
@@ -175,8 +176,26 @@ class Tracker:
 
 
 def failure_status(exc: BaseException) -> str:
-    return RunStatus.to_string(RunStatus.KILLED if isinstance(exc, (KeyboardInterrupt, SystemExit))
-                               else RunStatus.FAILED)
+    """KILLED for interrupts and signals (BaseExceptions that are not Exceptions: KeyboardInterrupt, SystemExit,
+    the orchestrator's termination signals) and for work stopped because the study stopped; FAILED for errors."""
+    from pipeline.train import TrainingAborted
+
+    killed = not isinstance(exc, Exception) or isinstance(exc, TrainingAborted)
+    return RunStatus.to_string(RunStatus.KILLED if killed else RunStatus.FAILED)
+
+
+def _retry_locked(call, *args, attempts: int = 8, **kwargs):
+    """SQLite allows one writer: concurrent fold tasks can meet "database is locked". Retry with backoff rather
+    than lose a metric point."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:  # MlflowException wrapping sqlalchemy's OperationalError
+            if "locked" not in str(exc).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * 2**attempt)
 
 
 def latest_alias_version(client: MlflowClient, model_name: str, alias: str) -> Any | None:

@@ -23,6 +23,10 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the epoch and the learning rate."""
 
 
+class TrainingAborted(RuntimeError):
+    """Training was stopped from outside (the study failed or was interrupted)."""
+
+
 @dataclass
 class FitResult:
     model: nn.Module
@@ -96,11 +100,13 @@ def fit(
     callback: EpochCallback | None = None,
     desc: str = "train",
     progress: bool | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> FitResult:
     """Train a fresh model; after every epoch report train_loss/train_error (means over the epoch's batches)
     and <name>_loss/<name>_error for each evaluation set, to ``callback`` and into the returned history.
 
-    Deterministic on CPU for a given ``seed`` (weights and batch order both derive from it).
+    Deterministic on CPU for a given ``seed`` (weights and batch order both derive from it). ``should_stop`` is
+    polled before every batch; when it returns True, TrainingAborted is raised.
     """
     seed = train_cfg.seed if seed is None else seed
     device = resolve_device(train_cfg.device)
@@ -123,6 +129,8 @@ def fit(
             loss_sum = torch.zeros((), device=device)
             wrong = torch.zeros((), device=device, dtype=torch.long)
             for i in range(0, n, bs):
+                if should_stop is not None and should_stop():
+                    raise TrainingAborted(f"{desc}: stopped in epoch {epoch} because the study is stopping")
                 idx = order[i:i + bs]
                 x, y = to_pixels(images[idx]), labels[idx]
                 logits = model(x)

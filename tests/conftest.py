@@ -48,6 +48,7 @@ def session_env(tmp_path_factory) -> dict[str, str]:
         "PREFECT_HOME": str(home / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        "VITFLOW_RESULTS_DIR": str(home / "results"),  # never resume from the developer's own result store
         "VITFLOW_DATA_DIR": str(DATA_ROOT),
         "PYTHONUNBUFFERED": "1",
     })

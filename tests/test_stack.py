@@ -39,7 +39,7 @@ def stack(tmp_path_factory, data_root):
     env = dict(os.environ)
     env.update({
         "PREFECT_PORT": str(_free_port()), "MLFLOW_PORT": str(_free_port()),
-        "VITFLOW_STACK_DIR": str(base / "state"), "VITFLOW_MLFLOW_DIR": str(base / "mlflow"),
+        "VITFLOW_STACK_DIR": str(base / "state"), "VITFLOW_RESULTS_DIR": str(base / "results"), "VITFLOW_MLFLOW_DIR": str(base / "mlflow"),
         "PREFECT_HOME": str(base / "prefect-home"),
         "VITFLOW_DATA_DIR": str(data_root), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     })

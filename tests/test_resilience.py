@@ -1,0 +1,146 @@
+"""Fault injection with real processes and stores: SIGKILL during cross-validation then resume, SIGTERM, and
+concurrent fold tasks against SQLite without losing a metric point."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+# Big enough that a fold takes seconds (so a kill lands mid-CV), small enough for CI.
+STUDY = ["run", "--config", "smoke", "--set", "data.train_subset=8000", "--set", "train.epochs=4",
+         "--set", "tracking.experiment=resilience"]
+METRICS = ("train_loss", "train_error", "val_loss", "val_error", "epoch_seconds")
+
+
+def _env(session_env, tmp_path, name):
+    return dict(session_env, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / name}.db",
+                VITFLOW_RESULTS_DIR=str(tmp_path / f"{name}-results"))
+
+
+def _start(env, *extra):
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *STUDY, *extra], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _client(env):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(env["MLFLOW_TRACKING_URI"])
+
+
+def _runs(env, where=""):
+    client = _client(env)
+    exp = client.get_experiment_by_name("resilience")
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], filter_string=where, max_results=1000)
+
+
+def _wait_for(predicate, proc, seconds=300):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the study ended before the fault could be injected:\n{proc.stdout.read()[-3000:]}")
+        try:
+            if predicate():
+                return
+        except Exception:  # the store may not exist yet
+            pass
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting for the study to reach the injection point")
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def _study(env, extra_where=""):
+    runs = _runs(env, "tags.`vitflow.role` = 'study'" + extra_where)
+    return sorted(runs, key=lambda r: r.info.start_time)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(session_env, tmp_path_factory):
+    """The reference: the same study, uninterrupted, all four fold tasks at once."""
+    env = _env(session_env, tmp_path_factory.mktemp("reference"), "reference")
+    proc = _start(env, "--set", "cv.concurrency=4", "--fresh")
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    return env
+
+
+def test_concurrent_fold_tasks_lose_no_metric_point(uninterrupted):
+    folds = _runs(uninterrupted, "tags.`vitflow.role` = 'fold'")
+    assert len(folds) == 4 and all(r.info.status == "FINISHED" for r in folds)
+    client = _client(uninterrupted)
+    for run in folds:
+        for metric in METRICS:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+            assert steps == [1, 2, 3, 4], (run.info.run_name, metric, steps)
+    study = _study(uninterrupted)[0]
+    assert study.data.metrics["folds_trained"] == 4 and study.data.metrics["folds_reused"] == 0
+
+
+def test_sigkill_during_cv_then_resume(session_env, tmp_path, uninterrupted):
+    env = _env(session_env, tmp_path, "crash")
+    proc = _start(env)
+    finished = "tags.`vitflow.role` = 'fold' and attributes.status = 'FINISHED'"
+    _wait_for(lambda: len(_runs(env, finished)) >= 1, proc)
+    _kill_group(proc)  # no chance to clean up: runs stay RUNNING
+    crashed = _study(env)
+    assert len(crashed) == 1 and crashed[0].info.status == "RUNNING"
+    done_before = len(_runs(env, finished))
+    assert 1 <= done_before < 4
+
+    rerun = subprocess.run([sys.executable, "-m", "flows.cli", *STUDY], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "reused from an earlier run" in rerun.stdout
+    resumed = _study(env)[-1]
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["resumed_from"] == crashed[0].info.run_id
+    assert resumed.data.metrics["folds_reused"] >= done_before
+    assert resumed.data.metrics["folds_trained"] < 4  # fewer folds trained the second time
+    assert not _runs(env, "attributes.status = 'RUNNING'")  # the cleanup closed what the kill left behind
+    assert _client(env).get_run(crashed[0].info.run_id).info.status == "KILLED"
+    # The resumed study's tree is complete: every fold has a run under its configuration.
+    folds = _runs(env, f"tags.study_run_id = '{resumed.info.run_id}' and tags.`vitflow.role` = 'fold'")
+    assert len(folds) == 4 and sum("cached_from" in r.data.tags for r in folds) >= done_before
+
+    reference = _study(uninterrupted)[0]
+    assert resumed.data.metrics["test_accuracy"] == reference.data.metrics["test_accuracy"]
+    assert resumed.data.metrics["best_val_error_mean"] == reference.data.metrics["best_val_error_mean"]
+
+
+def test_sigterm_ends_runs_killed_promptly(session_env, tmp_path):
+    env = _env(session_env, tmp_path, "term")
+    proc = _start(env)
+    running_with_metrics = "tags.`vitflow.role` = 'fold' and attributes.status = 'RUNNING'"
+    _wait_for(lambda: any(r.data.metrics for r in _runs(env, running_with_metrics)), proc)
+    sent = time.time()
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        _kill_group(proc)
+    assert time.time() - sent < 30, "SIGTERM took too long to stop the study"
+    assert proc.returncode == 143, out[-3000:]  # 128 + SIGTERM
+    assert "interrupted (SIGTERM); open MLflow runs were marked KILLED" in out
+    runs = _runs(env)
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+    study = _study(env)[0]
+    assert study.info.status == "KILLED"
+    assert [r for r in runs if r.data.tags.get("vitflow.role") == "fold" and r.info.status == "KILLED"]

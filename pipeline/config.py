@@ -231,7 +231,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({reason})") from None
 
 
 def load_config(name_or_path: str | os.PathLike = "seed", overrides: list[str] | None = None) -> StudyConfig:

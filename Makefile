@@ -11,7 +11,7 @@ export VITFLOW_DATA_DIR ?=
 PREFECT_PORT ?= 4200
 export PREFECT_PORT MLFLOW_PORT
 
-.PHONY: install run test ui serve stop status clean help
+.PHONY: install run test ui serve stop status audit clean help
 
 help:
 	@echo "make run    run the seed study (CONFIG=seed|smoke|<path>, SET='train.epochs=2 ...')"
@@ -47,6 +47,10 @@ stop:
 
 status:
 	scripts/stack.sh status
+
+audit: install
+	$(BIN)/python -m pip install --quiet pip-audit
+	$(BIN)/pip-audit --progress-spinner off --skip-editable
 
 clean:
 	rm -rf models .pytest_cache

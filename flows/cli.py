@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     srv.add_argument("--cron", default="0 3 * * 1", help="schedule of scheduled-retraining, UTC (default: Mondays 03:00)")
     srv.set_defaults(func=cmd_serve)
+    from flows.consume_cli import add_parsers  # predict, evaluate
+    add_parsers(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -88,6 +88,11 @@ def evaluate_onnx(study: steps.Study, onnx_path: Path, run_id: str) -> dict[str,
     return steps.evaluate(study, onnx_path, run_id)
 
 
+@task(name="quantize-onnx", cache_policy=NO_CACHE)
+def quantize_onnx(study: steps.Study, onnx_path: Path, run_id: str) -> dict[str, Any]:
+    return steps.quantize(study, onnx_path, run_id)
+
+
 @task(name="register-model", cache_policy=NO_CACHE)
 def register(study: steps.Study, onnx_path: Path, run_id: str, report: dict[str, Any]) -> dict[str, Any]:
     return steps.register(study, onnx_path, run_id, report)
@@ -176,6 +181,11 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh
         mark = time.perf_counter()
         report = evaluate_onnx(quote(study), onnx_path, final_run)
         timings["evaluate_s"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        quantized = quantize_onnx(quote(study), onnx_path, final_run)
+        logger.info("int8: %s", quantized["int8_reason"])
+        timings["quantize_s"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
         registration = register(quote(study), onnx_path, final_run, report)

@@ -98,6 +98,8 @@ class CVConfig(_Strict):
 class ExportConfig(_Strict):
     parity_atol: float = Field(1e-4, gt=0)
     parity_batch: int = Field(256, gt=0)
+    quantize: bool = True  # also write, compare and log an int8 (dynamic quantization) model
+    int8_max_accuracy_drop: float = Field(0.005, ge=0)  # register the int8 model only within this drop
 
 
 class TrackingConfig(_Strict):

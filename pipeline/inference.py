@@ -1,10 +1,15 @@
-"""ONNX Runtime classifier: CUDA when a GPU is present, else CPU, and always says which provider really ran."""
+"""ONNX Runtime classifier: CUDA when a GPU is present, else CPU, and always says which provider really ran.
+The model is an .onnx file, a folder holding one (an MLflow model), or an MLflow URI: models:/NAME@ALIAS,
+models:/NAME/VERSION or runs:/RUN_ID/PATH, downloaded from the tracking server or store."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -31,26 +36,139 @@ def preferred_providers(device: str = "auto") -> list[str]:
     return [CPU]
 
 
-class OnnxClassifier:
-    """Digit classifier over an ONNX file: float pixels in [0, 1], (N, 1, 28, 28) -> logits / probabilities."""
+class ModelNotFound(LookupError):
+    """The model a path or URI names does not exist or holds no ONNX file; the message says where it looked."""
 
-    def __init__(self, model_path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> None:
+
+@dataclass
+class ModelSource:
+    """Where a classifier's model came from: the local .onnx file it loaded, and for a registry URI the
+    registered model's name and version (an alias resolved to its version)."""
+
+    uri: str
+    path: Path
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+    model_id: str | None = None
+    tracking_uri: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} v{self.version}" if self.name else str(self.path)
+
+
+def is_mlflow_uri(model: str | os.PathLike) -> bool:
+    return str(model).startswith(("models:/", "runs:/"))
+
+
+def _onnx_in(folder: Path, what: str) -> Path:
+    found = sorted(folder.rglob("*.onnx"))
+    if not found:
+        raise ModelNotFound(f"{what} holds no .onnx file")
+    return found[0]
+
+
+def resolve_model(model: str | os.PathLike, download_dir: str | os.PathLike,
+                  tracking_uri: str | None = None) -> ModelSource:
+    """The local .onnx file behind ``model``: a file, a folder holding one, or an MLflow URI (downloaded into
+    ``download_dir``; models:/NAME@ALIAS is resolved to its version). Raises ModelNotFound with the cause."""
+    text = str(model)
+    if not is_mlflow_uri(text):
+        path = Path(text).expanduser()
+        if path.is_dir():
+            return ModelSource(uri=text, path=_onnx_in(path, f"folder {text}"))
+        if not path.is_file():
+            raise ModelNotFound(f"model file {text} does not exist")
+        return ModelSource(uri=text, path=path)
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri is None:
+        from pipeline.config import TrackingConfig
+        from pipeline.tracking import tracking_uri as default_tracking_uri
+
+        tracking_uri = default_tracking_uri(TrackingConfig())
+    source = ModelSource(uri=text, path=Path(), tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        if text.startswith("models:/"):
+            ref = text.removeprefix("models:/").strip("/")
+            if "@" in ref:
+                name, alias = ref.split("@", 1)
+                mv = client.get_model_version_by_alias(name, alias)
+            else:
+                name, _, version = ref.rpartition("/")
+                if not name or not (version.isdigit() or version == "latest"):
+                    raise ModelNotFound(f"{text}: expected models:/NAME@ALIAS, models:/NAME/VERSION or "
+                                        f"models:/NAME/latest")
+                if version == "latest":
+                    versions = client.search_model_versions(f"name = '{name}'")
+                    if not versions:
+                        raise ModelNotFound(f"{text}: registered model {name!r} has no versions in {tracking_uri}")
+                    version = str(max(int(v.version) for v in versions))
+                mv = client.get_model_version(name, version)
+            source.name, source.version, source.run_id = mv.name, str(mv.version), mv.run_id
+            source.model_id = getattr(mv, "model_id", None) or (  # MLflow 3: the logged model behind the version
+                mv.source.removeprefix("models:/") if str(mv.source).startswith("models:/m-") else None)
+            text = f"models:/{mv.name}/{mv.version}"
+        local = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(download_dir),
+                                                    tracking_uri=tracking_uri)
+    except ModelNotFound:
+        raise
+    except MlflowException as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFound(f"{source.uri} not found in the MLflow store {tracking_uri} ({message})") from None
+    local_path = Path(local)
+    source.path = local_path if local_path.is_file() else _onnx_in(local_path, source.uri)
+    return source
+
+
+class OnnxClassifier:
+    """Digit classifier over an ONNX model: float pixels in [0, 1], (N, 1, 28, 28) -> logits / probabilities.
+
+    ``model``: an .onnx file, a folder holding one, or an MLflow URI (models:/NAME@ALIAS, models:/NAME/VERSION,
+    runs:/...), resolved against ``tracking_uri`` (default: $MLFLOW_TRACKING_URI, else the project's store).
+    ``source`` says what was loaded. On CUDA the inputs and outputs go through ONNX Runtime's IO binding.
+    """
+
+    def __init__(self, model: str | os.PathLike, device: str = "auto", threads: int | None = None,
+                 tracking_uri: str | None = None, io_binding: bool | None = None) -> None:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model_path), sess_options=options,
-                                            providers=preferred_providers(device))
+        with tempfile.TemporaryDirectory(prefix="vitflow-model-") as download_dir:
+            self.source = resolve_model(model, download_dir, tracking_uri)
+            # The session holds the model in memory: the downloaded copy can go when it is built.
+            self.session = ort.InferenceSession(str(self.source.path), sess_options=options,
+                                                providers=preferred_providers(device))
         self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.io_binding = self.provider == CUDA if io_binding is None else io_binding
 
     @property
     def provider(self) -> str:
         """The execution provider that actually runs the model (first of the session's active providers)."""
         return self.session.get_providers()[0]
 
+    def _run(self, chunk: np.ndarray) -> np.ndarray:
+        if not self.io_binding:
+            return self.session.run(None, {self.input_name: chunk})[0]
+        # IO binding: the input is copied to the device once, the output is allocated there and copied back
+        # once, with no per-call staging by session.run.
+        device = "cuda" if self.provider == CUDA else "cpu"
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(chunk, device, 0))
+        binding.bind_output(self.output_name, device, 0)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
     def logits(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        outs = [self.session.run(None, {self.input_name: pixels[i:i + batch_size]})[0]
-                for i in range(0, len(pixels), batch_size)]
+        outs = [self._run(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
         return np.concatenate(outs) if outs else np.empty((0, 10), np.float32)
 
     def probabilities(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:

@@ -343,3 +343,55 @@ def publish_model_card(study: Study, summary: dict[str, Any]) -> str:
     study.tracker.client.update_model_version(reg["model_name"], reg["version"],
                                               description=version_description(summary, card))
     return card
+
+
+def quantize(study: Study, onnx_path: Path, run_id: str) -> dict[str, Any]:
+    """int8 variant of the exported model (ONNX Runtime dynamic quantization), written next to the fp32 file.
+    Accuracy, size and CPU throughput of both go to the final run (int8_test_accuracy, int8_accuracy_drop,
+    int8_size_kb, fp32_size_kb, int8_images_per_second, fp32_images_per_second), the int8 model is logged there
+    as a second model ("model-int8"), and registered as "<tracking.registered_model>-int8" only when its accuracy
+    drop is within export.int8_max_accuracy_drop. Skipped when export.quantize is false; a model ONNX Runtime
+    cannot quantize is recorded (tag int8_error) without failing the study."""
+    import mlflow
+    import onnx
+    from mlflow.models import infer_signature
+
+    from pipeline import quantize as quant
+
+    cfg = study.cfg.export
+    if not cfg.quantize:
+        return {"int8_registered": False, "int8_reason": "export.quantize is false"}
+    try:
+        int8_path = quant.quantize_int8(onnx_path, quant.int8_path_for(onnx_path))
+    except quant.QuantizationError as exc:
+        study.tracker.set_tags(run_id, {"int8_error": str(exc)[:5000], "int8_registered": "false"})
+        return {"int8_registered": False, "int8_reason": f"quantization failed: {exc}"}
+    figures = quant.compare(onnx_path, int8_path, study.data.test_images.numpy(), study.data.test_labels.numpy())
+    study.tracker.log_metrics(run_id, {k: figures[k] for k in (
+        "int8_test_accuracy", "int8_accuracy_drop", "int8_size_kb", "fp32_size_kb", "int8_images_per_second",
+        "fp32_images_per_second", "int8_agreement")})
+    drop, bound = figures["int8_accuracy_drop"], cfg.int8_max_accuracy_drop
+    accepted = drop <= bound
+    reason = (f"int8 test accuracy {figures['int8_test_accuracy']:.4f} vs fp32 {figures['fp32_test_accuracy']:.4f}: "
+              f"drop {drop:+.4f} {'within' if accepted else 'over'} export.int8_max_accuracy_drop={bound}")
+    name = f"{study.cfg.tracking.registered_model}-int8"
+    sample = to_pixels(study.data.test_images[:4]).numpy()
+    signature = infer_signature(sample, OnnxClassifier(int8_path, device="cpu").logits(sample))
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.onnx.log_model(onnx.load(str(int8_path)), name="model-int8",
+                                     registered_model_name=name if accepted else None, signature=signature,
+                                     input_example=sample[:2], save_as_external_data=False,
+                                     onnx_execution_providers=["CPUExecutionProvider"])
+    study.tracker.client.update_run(run_id, status="RUNNING")  # start_run's exit ended it; register-model ends it
+    tags = {"int8_registered": str(accepted).lower(), "int8_reason": reason, "int8_path": str(int8_path)}
+    out = {**figures, "int8_path": str(int8_path), "int8_registered": accepted, "int8_reason": reason}
+    if accepted:
+        version = str(info.registered_model_version)
+        for key, value in {"test_accuracy": figures["int8_test_accuracy"], "accuracy_drop": drop,
+                           "fp32_model": study.cfg.tracking.registered_model, "final_run_id": run_id,
+                           "study_run_id": study.run_id, "quantization": "ONNX Runtime dynamic, int8 weights",
+                           "preset": study.cfg.name}.items():
+            study.tracker.client.set_model_version_tag(name, version, key, str(value))
+        tags["int8_model_uri"] = out["int8_model_uri"] = f"models:/{name}/{version}"
+    study.tracker.set_tags(run_id, tags)
+    return out

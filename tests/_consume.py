@@ -29,15 +29,28 @@ def quick_model_config() -> ModelConfig:
 QUICK_TRAIN = TrainConfig(epochs=1, batch_size=32, lr=0.003, device="cpu")
 
 
+_TRAINED: dict[str, bytes] = {}  # one training per configuration per test session, shared by the test modules
+
+
 def train_and_export(mnist, path: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, images: int) -> Path:
-    """fit() on the first ``images`` real training images, export to ``path`` (parity-checked)."""
+    """fit() on a stratified subset of ``images`` real training images, export to ``path`` (parity-checked).
+    The same configuration asked for again in this test session gets a copy of the same file."""
+    import json
+
     from pipeline.data import stratified_subset
     from pipeline.export import export_onnx
     from pipeline.train import fit, to_pixels
 
-    idx = stratified_subset(mnist.train_labels, images, 0)
-    result = fit(model_cfg, train_cfg, mnist.train_images[idx], mnist.train_labels[idx], seed=0, progress=False)
-    export_onnx(result.model, path, to_pixels(mnist.test_images[:64]))
+    key = json.dumps([model_cfg.model_dump(mode="json"), train_cfg.model_dump(mode="json"), images], sort_keys=True)
+    path = Path(path)
+    if key not in _TRAINED:
+        idx = stratified_subset(mnist.train_labels, images, 0)
+        result = fit(model_cfg, train_cfg, mnist.train_images[idx], mnist.train_labels[idx], seed=0, progress=False)
+        export_onnx(result.model, path, to_pixels(mnist.test_images[:64]))
+        _TRAINED[key] = path.read_bytes()
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_TRAINED[key])
     return path
 
 

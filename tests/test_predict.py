@@ -180,19 +180,19 @@ def _bad_inputs(tmp, mnist) -> dict:
             blank: "no digit found", tmp / "missing.png": "no such file"}
 
 
-def test_bad_inputs_never_crash_the_batch(model, mnist, inputs, tmp_path):
+def test_bad_inputs_never_crash_the_batch(model, mnist, inputs, tmp_path, capsys):
     folder, truth = inputs
     bad = _bad_inputs(tmp_path, mnist)
     good = [str(tmp_path / "good.png"), str(folder / "batch.npy")]
     args = [good[0], *map(str, bad), good[1]]
-    result = predict_cli([*args, "--model", str(model), "--json", "--max-pixels", "10000"])
-    assert result.returncode == 1
-    errors = result.stderr.strip().splitlines()
-    assert len(errors) == len(bad), result.stderr
+    code, out, err = predict_main([*args, "--model", str(model), "--json", "--max-pixels", "10000"], capsys)
+    assert code == 1
+    errors = err.strip().splitlines()
+    assert len(errors) == len(bad), err
     for path, phrase in bad.items():
         line = [e for e in errors if e.startswith(f"vitflow: {path}: ")]
         assert len(line) == 1 and phrase in line[0], (path, line, errors)
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    rows = [json.loads(line) for line in out.splitlines()]
     assert [r["input"] for r in rows] == [good[0], *[f"{good[1]}[{i}]" for i in range(DIGITS)]]
     assert rows[0]["digit"] == int(mnist.test_labels[0])  # the good ones are still predicted
 

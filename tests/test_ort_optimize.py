@@ -1,0 +1,40 @@
+"""The ONNX Runtime-specific rewrite (bench/inference.py's "ORT fused"): one com.microsoft.Attention per block,
+the same logits as the exported file and as PyTorch, on real test images."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from pipeline.export import export_onnx
+from pipeline.inference import OnnxClassifier
+from pipeline.model import build_model
+from pipeline.ort_optimize import FusionError, fuse_attention, optimize_for_onnxruntime
+from pipeline.train import to_pixels
+
+from ._consume import seed_model_config
+
+
+def test_fused_attention_matches_export_and_pytorch(mnist, tmp_path):
+    cfg = seed_model_config()
+    model = build_model(cfg, seed=0).eval()
+    exported = tmp_path / "vit.onnx"
+    export_onnx(model, exported, to_pixels(mnist.test_images[:64]))
+    fused = optimize_for_onnxruntime(exported, tmp_path / "vit.ort.onnx", cfg.heads, cfg.dim)
+    ops = [n.op_type for n in onnx.load(str(fused)).graph.node]
+    assert ops.count("Attention") == cfg.depth and "Softmax" not in ops and "SkipLayerNormalization" in ops
+    pixels = to_pixels(mnist.test_images[:300]).numpy()
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(pixels)).numpy()
+    got = OnnxClassifier(fused, device="cpu").logits(pixels)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    np.testing.assert_allclose(got, OnnxClassifier(exported, device="cpu").logits(pixels), atol=1e-5)
+    assert OnnxClassifier(fused).logits(pixels[:1]).shape == (1, 10)  # dynamic batch kept
+
+
+def test_graph_without_attention_metadata_is_refused():
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    with pytest.raises(FusionError, match="no attention subgraphs"):
+        fuse_attention(onnx.helper.make_model(graph), heads=2)

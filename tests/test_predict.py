@@ -290,8 +290,13 @@ def test_camera_style_rendering_comes_back_close_to_the_original(mnist):
     rng = np.random.default_rng(1)
     images = mnist.test_images[1000:1060, 0].numpy()
     corr = []
-    for img in images:
-        out = preprocess_image(camera_style(img, rng))
+    for i, img in enumerate(images):
+        photo = camera_style(img, rng)
+        if i % 2:  # dust: single dark pixels anywhere must not stretch the digit's bounding box
+            pixels = np.asarray(photo).copy()
+            pixels[rng.integers(0, pixels.shape[0], 15), rng.integers(0, pixels.shape[1], 15)] = 0
+            photo = Image.fromarray(pixels)
+        out = preprocess_image(photo)
         assert out.shape == (28, 28) and out.dtype == np.float32
         corr.append(_corr(out, img))
     corr = np.array(corr)

@@ -26,6 +26,7 @@ run_study() {  # label, extra args...
   tail -18 "$OUT/$label.log"
 }
 : > "$OUT/table.txt"
-run_study seed-auto --config seed
-run_study seed-4way --config seed --set cv.concurrency=4
+export VITFLOW_RESULTS_DIR=/tmp/results
+run_study seed-fresh --config seed --fresh
+run_study seed-resumed --config seed     # same study again: every fold comes from the result store
 echo; echo "=== GPU check ($(cat "$OUT/gpu.txt")) ==="; cat "$OUT/table.txt"

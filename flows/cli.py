@@ -13,7 +13,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from pipeline import report  # noqa: E402
 from pipeline.config import ConfigError, list_presets, load_config  # noqa: E402
-from pipeline.data import DataError  # noqa: E402
 
 
 def _sigterm(signum: int, frame: Any) -> None:
@@ -62,7 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"vitflow: {exc}", file=sys.stderr)
         return 2
-    from flows.vit_pipeline import vit_pipeline
+    from flows.vit_pipeline import vit_pipeline  # torch, Prefect, MLflow: only once the config is known good
+    from pipeline.data import DataError
 
     signal.signal(signal.SIGTERM, _sigterm)
     try:

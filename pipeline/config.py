@@ -202,6 +202,8 @@ def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     field = ".".join(str(p) for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error":  # our own validators: the message already names the field and the value
+        return msg
     if err["type"] == "extra_forbidden":
         return f"unknown key {field!r} (value {err['input']!r}); check the spelling against configs/seed.yaml"
     if field:

@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -152,8 +153,6 @@ class Tracker:
             _retry_locked(self.client.log_batch, run_id, params=items[i:i + 100], synchronous=True)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-        import time
-
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         _retry_locked(self.client.log_batch, run_id, metrics=items, synchronous=True)
@@ -187,8 +186,6 @@ def failure_status(exc: BaseException) -> str:
 def _retry_locked(call, *args, attempts: int = 8, **kwargs):
     """SQLite allows one writer: concurrent fold tasks can meet "database is locked". Retry with backoff rather
     than lose a metric point."""
-    import time
-
     for attempt in range(attempts):
         try:
             return call(*args, **kwargs)

@@ -1,11 +1,10 @@
-from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.config import ConfigError, config_from_dict, list_presets, load_config
 
-from .conftest import REPO, run_cli
+from .conftest import run_cli
 
 
 def test_seed_preset_is_the_original_study():

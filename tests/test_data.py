@@ -5,7 +5,6 @@ import socket
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

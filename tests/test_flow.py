@@ -1,6 +1,5 @@
 """End to end: the smoke preset through the real CLI -> Prefect flow -> MLflow (SQLite) -> ONNX -> registry."""
 
-import json
 import re
 
 import numpy as np

@@ -62,6 +62,29 @@ class ModelConfig(_Strict):
         return self
 
 
+class AugmentConfig(_Strict):
+    """Random affine augmentation of each training batch on the training device (no per-sample DataLoader).
+    Pixels outside the source image are background (0)."""
+
+    rotation: float = Field(0.0, ge=0, le=180, description="degrees; angle drawn uniformly from [-rotation, rotation]")
+    translate: float = Field(0.0, ge=0, le=0.5, description="shift as a fraction of the image side, per axis")
+    scale: tuple[float, float] = Field((1.0, 1.0), description="zoom factor drawn uniformly from [low, high]")
+    shear: float = Field(0.0, ge=0, le=45, description="degrees; x-shear angle drawn from [-shear, shear]")
+    erasing: float = Field(0.0, ge=0, le=1, description="probability of blanking one random rectangle per image")
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        low, high = scale
+        if not 0 < low <= high:
+            raise ValueError(f"train.augment.scale={list(scale)} must be [low, high] with 0 < low <= high")
+        return scale
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rotation or self.translate or self.scale != (1.0, 1.0) or self.shear or self.erasing)
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(5, gt=0)
     batch_size: int = Field(128, gt=0)
@@ -72,6 +95,15 @@ class TrainConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, gt=0, description="torch intra-op threads; None: cores / concurrent tasks")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="learning rate over the steps")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from lr/100 to lr over these epochs")
+    min_lr: float = Field(0.0, ge=0, description="cosine schedule: the learning rate it decays to")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradients' global norm to this value")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on CUDA (CPU stays fp32)")
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "off", description="torch.compile mode for the training step's model; off: eager")
 
 
 class CVConfig(_Strict):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pipeline.augment import augment
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.model import build_model
 
@@ -89,6 +90,38 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torc
     return torch.optim.Adam(model.parameters(), **kwargs)
 
 
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based): linear warm-up from 1/100 over
+    ``warmup_epochs``, then constant or a cosine decay to ``min_lr`` at the last step."""
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    total = cfg.epochs * steps_per_epoch
+    floor = cfg.min_lr / cfg.lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 0.01 + 0.99 * step / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup - 1)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+_COMPILED: dict[tuple[str, str, str], Callable] = {}
+
+
+def compiled_forward(model: nn.Module, key: str, mode: str) -> Callable[[Tensor], Tensor]:
+    """``model``'s forward under torch.compile. Compiled code is kept per (architecture, mode, device) for the
+    process, so the folds of one configuration compile once: parameters are graph inputs, not constants."""
+    device = str(next(model.parameters()).device)
+    step = _COMPILED.get((key, mode, device))
+    if step is None:
+        step = _COMPILED[(key, mode, device)] = torch.compile(
+            lambda module, x: module(x), mode=None if mode == "default" else mode, dynamic=False)
+    return lambda x: step(model, x)
+
+
 def fit(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -115,8 +148,15 @@ def fit(
     images, labels = train_images.to(device), train_labels.to(device)
     evals = {name: (x.to(device), y.to(device)) for name, (x, y) in (eval_sets or {}).items()}
     shuffler = torch.Generator().manual_seed(seed)
+    augmenter = torch.Generator(device=device).manual_seed(seed + 1) if train_cfg.augment.active else None
     n, bs = len(labels), train_cfg.batch_size
     steps = math.ceil(n / bs)
+    scheduler = None
+    if train_cfg.schedule != "constant" or train_cfg.warmup_epochs:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(train_cfg, steps))
+    bf16 = train_cfg.precision == "bf16" and device.type == "cuda"
+    forward = model if train_cfg.compile == "off" else compiled_forward(
+        model, model_cfg.model_dump_json(), train_cfg.compile)
     result = FitResult(model=model, device=str(device))
     bar = tqdm(total=train_cfg.epochs * steps, desc=desc, unit="batch", leave=False,
                disable=None if progress is None else not progress, dynamic_ncols=True)
@@ -133,15 +173,23 @@ def fit(
                     raise TrainingAborted(f"{desc}: stopped in epoch {epoch} because the study is stopping")
                 idx = order[i:i + bs]
                 x, y = to_pixels(images[idx]), labels[idx]
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                if augmenter is not None:
+                    x = augment(x, train_cfg.augment, augmenter)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = forward(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=train_cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if train_cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 loss_sum += loss.detach() * len(idx)
                 wrong += (logits.detach().argmax(1) != y).sum()
                 bar.update(1)
-            metrics = {"train_loss": loss_sum.item() / n, "train_error": wrong.item() / n}
+            metrics = {"train_loss": loss_sum.item() / n, "train_error": wrong.item() / n,
+                       "lr": optimizer.param_groups[0]["lr"]}
             if not math.isfinite(metrics["train_loss"]):
                 raise TrainingDiverged(f"{desc}: training loss is {metrics['train_loss']} in epoch {epoch} "
                                        f"(train.lr={train_cfg.lr}); lower the learning rate")

@@ -1,0 +1,68 @@
+"""Batched data augmentation on the training device: one random affine transform per image (rotation, shift,
+zoom, shear), applied to a whole batch with ``affine_grid`` + ``grid_sample``, and optional random erasing.
+No per-sample Python and no DataLoader: on CUDA a batch of 1024 costs one kernel launch per step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.config import AugmentConfig
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator, device: torch.device) -> Tensor:
+    return torch.rand(n, generator=generator, device=device) * (high - low) + low
+
+
+def random_affine(pixels: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> Tensor:
+    """``pixels`` (B, C, H, W) in [0, 1] -> the same batch, each image rotated, sheared, zoomed and shifted by its
+    own random amounts. ``generator`` lives on the batch's device, so the draws are reproducible per seed."""
+    b, device = pixels.shape[0], pixels.device
+    angle = _uniform(b, -cfg.rotation, cfg.rotation, generator, device) * (math.pi / 180)
+    shear = _uniform(b, -cfg.shear, cfg.shear, generator, device) * (math.pi / 180)
+    zoom = _uniform(b, cfg.scale[0], cfg.scale[1], generator, device)
+    # affine_grid maps output coordinates to input coordinates in [-1, 1]: the inverse of the image transform.
+    shift = _uniform(2 * b, -cfg.translate, cfg.translate, generator, device).view(b, 2) * 2
+    cos, sin, tan = torch.cos(angle), torch.sin(angle), torch.tan(shear)
+    # forward transform A = zoom * R(angle) @ Shear_x(shear); theta = A^-1 (shift applied to the output).
+    a = torch.stack([torch.stack([cos, cos * tan - sin], -1), torch.stack([sin, sin * tan + cos], -1)], 1)
+    a = a * zoom.view(b, 1, 1)
+    det = a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]  # zoom^2 > 0: rotation and shear keep area
+    inverse = torch.stack([torch.stack([a[:, 1, 1], -a[:, 0, 1]], -1),
+                           torch.stack([-a[:, 1, 0], a[:, 0, 0]], -1)], 1) / det.view(b, 1, 1)
+    theta = torch.cat([inverse, -(inverse @ shift.unsqueeze(-1))], dim=2)
+    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_erasing(pixels: Tensor, probability: float, generator: torch.Generator,
+                   area: tuple[float, float] = (0.02, 0.15)) -> Tensor:
+    """Blank one random rectangle (area fraction in ``area``, aspect 1/3..3) in each image with ``probability``."""
+    b, _, h, w = pixels.shape
+    device = pixels.device
+    frac = _uniform(b, *area, generator, device)
+    aspect = torch.exp(_uniform(b, math.log(1 / 3), math.log(3), generator, device))
+    eh = (torch.sqrt(frac * aspect) * h).clamp(1, h)
+    ew = (torch.sqrt(frac / aspect) * w).clamp(1, w)
+    top = torch.rand(b, generator=generator, device=device) * (h - eh)
+    left = torch.rand(b, generator=generator, device=device) * (w - ew)
+    apply = torch.rand(b, generator=generator, device=device) < probability
+    rows = torch.arange(h, device=device).view(1, h, 1)
+    cols = torch.arange(w, device=device).view(1, 1, w)
+    inside = ((rows >= top.view(b, 1, 1)) & (rows < (top + eh).view(b, 1, 1))
+              & (cols >= left.view(b, 1, 1)) & (cols < (left + ew).view(b, 1, 1)) & apply.view(b, 1, 1))
+    return pixels.masked_fill(inside.unsqueeze(1), 0.0)
+
+
+def augment(pixels: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> Tensor:
+    """The configured augmentation of one training batch (identity when nothing is configured)."""
+    if not cfg.active:
+        return pixels
+    if cfg.rotation or cfg.translate or cfg.scale != (1.0, 1.0) or cfg.shear:
+        pixels = random_affine(pixels, cfg, generator)
+    if cfg.erasing:
+        pixels = random_erasing(pixels, cfg.erasing, generator)
+    return pixels

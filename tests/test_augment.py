@@ -1,0 +1,99 @@
+"""Batched augmentation and the learning-rate schedule, on real MNIST digits."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline.augment import augment, random_affine, random_erasing
+from pipeline.config import AugmentConfig, ConfigError, ModelConfig, TrainConfig, load_config
+from pipeline.train import fit, lr_factor, to_pixels
+
+
+@pytest.fixture(scope="module")
+def digits(mnist):
+    return to_pixels(mnist.train_images[:256]), mnist.train_labels[:256]
+
+
+def _centre_of_mass(x):
+    h = torch.arange(x.shape[-1], dtype=torch.float32)
+    mass = x.sum((1, 2, 3))
+    return torch.stack([(x.sum((1, 3)) * h).sum(1) / mass, (x.sum((1, 2)) * h).sum(1) / mass], 1)
+
+
+def test_no_augmentation_is_the_identity(digits):
+    x, _ = digits
+    assert not AugmentConfig().active
+    assert augment(x, AugmentConfig(), torch.Generator().manual_seed(0)) is x
+
+
+def test_shift_moves_each_digit_by_its_own_amount_within_the_bound(digits):
+    x, _ = digits
+    out = random_affine(x, AugmentConfig(translate=0.1), torch.Generator().manual_seed(0))
+    moved = (_centre_of_mass(out) - _centre_of_mass(x)).abs()
+    assert moved.max() <= 0.1 * 28 + 0.5 and moved.mean() > 0.5  # shifted, up to 2.8 px, not all the same
+    kept = out.sum((1, 2, 3)) / x.sum((1, 2, 3))  # ink is preserved, except where a stroke is pushed off the edge
+    assert kept.max() <= 1.0001 and kept.min() > 0.9 and kept.mean() > 0.99
+
+
+def test_rotation_and_zoom_keep_the_digit_centred_and_scale_the_ink(digits):
+    x, _ = digits
+    rotated = random_affine(x, AugmentConfig(rotation=30), torch.Generator().manual_seed(1))
+    assert (_centre_of_mass(rotated) - 13.5).abs().max() < 4  # rotation about the image centre
+    assert not torch.allclose(rotated, x, atol=0.1)
+    zoomed = random_affine(x, AugmentConfig(scale=(1.2, 1.2)), torch.Generator().manual_seed(1))
+    ratio = zoomed.sum((1, 2, 3)) / x.sum((1, 2, 3))
+    assert torch.allclose(ratio, torch.full_like(ratio, 1.44), rtol=0.08)  # area grows with the square of zoom
+
+
+def test_augmentation_is_reproducible_per_seed(digits):
+    x, _ = digits
+    cfg = AugmentConfig(rotation=15, translate=0.1, scale=(0.9, 1.1), shear=10, erasing=0.5)
+    a = augment(x, cfg, torch.Generator().manual_seed(3))
+    b = augment(x, cfg, torch.Generator().manual_seed(3))
+    c = augment(x, cfg, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+
+
+def test_erasing_blanks_one_rectangle_in_about_the_given_share_of_images(digits):
+    x, _ = digits
+    ones = torch.ones_like(x)
+    out = random_erasing(ones, 0.5, torch.Generator().manual_seed(0))
+    erased = (out == 0).flatten(1).sum(1)
+    hit = erased > 0
+    assert 0.35 < hit.float().mean() < 0.65
+    assert (erased[hit] >= 1).all() and (erased[hit] <= 0.15 * 784 * 1.3).all()
+
+
+def test_bad_augmentation_settings_are_refused():
+    with pytest.raises(ConfigError, match=r"train.augment.scale=\[1.2, 0.9\]"):
+        load_config("seed", ["train.augment.scale=[1.2, 0.9]"])
+    with pytest.raises(ConfigError, match="train.augment.rotation"):
+        load_config("seed", ["train.augment.rotation=-5"])
+
+
+def test_warmup_then_cosine_to_the_floor():
+    cfg = TrainConfig(epochs=10, lr=1e-3, schedule="cosine", warmup_epochs=1, min_lr=1e-5)
+    f = lr_factor(cfg, steps_per_epoch=100)
+    assert f(0) == pytest.approx(0.01)
+    assert f(50) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert f(100) == pytest.approx(1.0)
+    assert f(999) * cfg.lr == pytest.approx(1e-5)
+    values = [f(s) for s in range(100, 1000)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay after the warm-up
+    assert lr_factor(TrainConfig(epochs=3), 10)(25) == 1.0  # the study's constant rate
+
+
+def test_training_with_augmentation_schedule_and_smoothing_learns(mnist):
+    x, y = mnist.train_images[:4000], mnist.train_labels[:4000]
+    xt, yt = mnist.test_images[:1000], mnist.test_labels[:1000]
+    cfg = TrainConfig(epochs=3, batch_size=64, lr=3e-3, optimizer="adamw", weight_decay=0.05, schedule="cosine",
+                      warmup_epochs=0.5, min_lr=1e-5, label_smoothing=0.1, grad_clip=1.0, device="cpu",
+                      augment=AugmentConfig(rotation=10, translate=0.08, scale=(0.9, 1.1), erasing=0.2))
+    model = ModelConfig(dim=32, heads=4, depth=2, mlp_hidden=64)
+    result = fit(model, cfg, x, y, {"val": (xt, yt)}, seed=0, progress=False)
+    assert result.history[-1]["lr"] == pytest.approx(1e-5)
+    assert result.history[-1]["val_error"] < 0.5 and math.isfinite(result.history[-1]["train_loss"])  # chance: 0.9
+    again = fit(model, cfg, x, y, {"val": (xt, yt)}, seed=0, progress=False)
+    assert again.history[-1]["val_loss"] == result.history[-1]["val_loss"]  # augmentation draws follow the seed

@@ -1,13 +1,20 @@
-"""Inference throughput on CPU: ONNX Runtime vs PyTorch eager, same weights, same thread count.
+"""Inference throughput on CPU: ONNX Runtime vs PyTorch eager, same weights, same number of cores.
 
     .venv/bin/python bench/inference.py                  # seed model (3 blocks, MLP 16, width 8), random weights
     .venv/bin/python bench/inference.py --threads 2 1 --batches 1 1024 --seconds 1.0 --rounds 7
 
-Variants: PyTorch eager (torch.inference_mode, eval); ONNX Runtime on the file export_onnx writes (standard ONNX,
-what is registered and served); ONNX Runtime on the ORT-specific rewrite (pipeline/ort_optimize.py: one
-com.microsoft.Attention per block, SkipLayerNormalization). Thread count N: torch.set_num_threads(N) and ORT's
-intra_op_num_threads=N (inter-op 1 for both). Warm-up runs are excluded. The machine is shared, so each variant is
-timed in ``rounds`` interleaved rounds of ``seconds`` each and the median round is reported (max as a check).
+Variants, each given the same float32 batch already in memory:
+- PyTorch eager: ``model(x)`` under torch.inference_mode, torch.set_num_threads(N). The baseline.
+- ORT one call: the file export_onnx writes (standard ONNX: what is registered, served and predicted with), one
+  ``session.run`` over the whole batch with intra_op_num_threads=N.
+- ORT classifier: the same file through ``pipeline.inference.OnnxClassifier(threads=N)``, what ``vitflow predict``
+  and ``vitflow evaluate`` run: a large batch is cut into 64-image chunks run N at a time on one-thread sessions.
+- ORT fused classifier: the ONNX Runtime-only rewrite (pipeline/ort_optimize.py: one com.microsoft.Attention per
+  block, SkipLayerNormalization) through the same classifier.
+- PyTorch chunked: PyTorch given the same 64-image chunks (a fairness check: it does not gain from them).
+Inter-op threads are 1 everywhere. Warm-up runs are excluded. The machine may be shared, so each variant is timed
+in ``rounds`` interleaved rounds of ``seconds`` each and the median round is reported. Ratios are against PyTorch
+eager with the same N.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import torch  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.export import export_onnx  # noqa: E402
+from pipeline.inference import CPU_CHUNK, OnnxClassifier  # noqa: E402
 from pipeline.model import build_model, count_parameters  # noqa: E402
 from pipeline.ort_optimize import optimize_for_onnxruntime  # noqa: E402
 
@@ -84,22 +92,30 @@ def main(argv: list[str] | None = None) -> int:
               f"{ort.__version__}; model: {cfg.depth} blocks, MLP {cfg.mlp_hidden}, width {cfg.dim}, {cfg.heads} "
               f"heads, {count_parameters(model):,} parameters; median of {args.rounds} rounds x "
               f"{args.seconds:.1f} s")
-        header = (f"{'threads':>7}  {'batch':>5}  {'PyTorch eager':>13}  {'ORT exported':>12}  {'ratio':>5}  "
-                  f"{'ORT fused':>9}  {'ratio':>5}")
-        print(header)
+        columns = ["PyTorch eager", "ORT one call", "ORT classifier", "ORT fused classifier", "PyTorch chunked"]
+        print("| threads | batch | " + " | ".join(columns) + " |")
+        print("|---|---|" + "---|" * len(columns))
         for threads in args.threads:
             torch.set_num_threads(threads)
-            sessions = {"exported": ort_session(exported, threads), "fused": ort_session(fused, threads)}
+            session = ort_session(exported, threads)
+            classifier = OnnxClassifier(exported, device="cpu", threads=threads)
+            fused_classifier = OnnxClassifier(fused, device="cpu", threads=threads)
             for batch in args.batches:
                 x = rng.random((batch, 1, 28, 28), dtype=np.float32)
                 xt = torch.from_numpy(x)
                 with torch.inference_mode():
                     expected = model(xt).numpy()
-                runs = {"torch": lambda: model(xt)}
-                for name, session in sessions.items():
-                    got = session.run(None, {"pixels": x})[0]
+                runs = {
+                    "PyTorch eager": lambda: model(xt),
+                    "ORT one call": lambda: session.run(None, {"pixels": x}),
+                    "ORT classifier": lambda: classifier.logits(x),
+                    "ORT fused classifier": lambda: fused_classifier.logits(x),
+                    "PyTorch chunked": lambda: [model(xt[i:i + CPU_CHUNK]) for i in range(0, batch, CPU_CHUNK)],
+                }
+                outputs = {"ORT one call": runs["ORT one call"]()[0], "ORT classifier": runs["ORT classifier"](),
+                           "ORT fused classifier": runs["ORT fused classifier"]()}
+                for name, got in outputs.items():
                     assert np.abs(got - expected).max() < 1e-4, f"{name}: ORT and PyTorch disagree"
-                    runs[name] = (lambda s: lambda: s.run(None, {"pixels": x}))(session)
                 rates: dict[str, list[float]] = {name: [] for name in runs}
                 with torch.inference_mode():
                     for fn in runs.values():  # warm-up, not timed
@@ -109,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
                         for name, fn in runs.items():
                             rates[name].append(rate(fn, batch, args.seconds))
                 med = {name: statistics.median(values) for name, values in rates.items()}
-                print(f"{threads:>7}  {batch:>5}  {med['torch']:>13,.0f}  {med['exported']:>12,.0f}  "
-                      f"{med['exported'] / med['torch']:>5.2f}  {med['fused']:>9,.0f}  "
-                      f"{med['fused'] / med['torch']:>5.2f}", flush=True)
+                base = med["PyTorch eager"]
+                cells = [f"{base:,.0f}"] + [f"{med[c]:,.0f} ({med[c] / base:.2f}x)" for c in columns[1:]]
+                print(f"| {threads} | {batch} | " + " | ".join(cells) + " |", flush=True)
+            classifier.close()
+            fused_classifier.close()
     return 0
 
 

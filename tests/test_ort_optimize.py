@@ -38,3 +38,21 @@ def test_graph_without_attention_metadata_is_refused():
                                    [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
     with pytest.raises(FusionError, match="no attention subgraphs"):
         fuse_attention(onnx.helper.make_model(graph), heads=2)
+
+
+@pytest.mark.parametrize("threads,chunk", [(1, 64), (2, 64), (3, 7)])
+def test_chunked_cpu_classifier_gives_the_one_call_logits(mnist, tmp_path, threads, chunk):
+    """OnnxClassifier on CPU runs big batches as cache-sized chunks on several one-thread calls: same logits, same
+    order, for batch sizes around the chunk boundaries."""
+    model = build_model(seed_model_config(), seed=0).eval()
+    exported = tmp_path / "vit.onnx"
+    export_onnx(model, exported, to_pixels(mnist.test_images[:64]))
+    pixels = to_pixels(mnist.test_images[:301]).numpy()
+    one_call = OnnxClassifier(exported, device="cpu", cpu_chunk=10_000).logits(pixels)
+    clf = OnnxClassifier(exported, device="cpu", threads=threads, cpu_chunk=chunk)
+    assert clf.workers == threads and clf.provider == "CPUExecutionProvider"
+    for n in (0, 1, chunk - 1, chunk, chunk + 1, 2 * chunk * threads + 3, 301):
+        got = clf.logits(pixels[:n], batch_size=256)
+        assert got.shape == (n, 10)
+        np.testing.assert_allclose(got, one_call[:n], atol=1e-5)
+    clf.close()

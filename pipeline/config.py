@@ -112,6 +112,8 @@ class CVConfig(_Strict):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     resume: bool = Field(True, description="reuse folds finished by an earlier run of the same study")
     concurrency: int | None = Field(None, gt=0, description="fold tasks trained at once; None: auto (CPU: one per core, CUDA: 4)")
+    epochs: int | None = Field(None, gt=0, description="epochs of each CV fold (a shorter screening run, with its "
+                                                        "own schedule); None: train.epochs, as the final model")
 
     @field_validator("grid")
     @classmethod
@@ -181,7 +183,9 @@ class StudyConfig(_Strict):
         out = []
         for overrides in grid_points(self.cv.grid):
             model, train = self._apply(overrides)
-            out.append(Candidate(label=_label(overrides), overrides=overrides, model=model, train=train))
+            cv_train = train if self.cv.epochs is None else train.model_copy(update={"epochs": self.cv.epochs})
+            out.append(Candidate(label=_label(overrides), overrides=overrides, model=model, train=train,
+                                 cv_train=cv_train))
         return out
 
     def fingerprint(self) -> str:
@@ -194,7 +198,8 @@ class Candidate(_Strict):
     label: str
     overrides: dict[str, Any]
     model: ModelConfig
-    train: TrainConfig
+    train: TrainConfig  # the final retraining
+    cv_train: TrainConfig  # the cross-validation folds (train, with cv.epochs when set)
 
 
 _SHORT = {"model.depth": "blocks", "model.mlp_hidden": "mlp", "model.dim": "dim", "model.heads": "heads",

@@ -76,3 +76,23 @@ def test_cli_rejects_bad_config_before_any_work(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.heads=3 must divide model.dim=8" in lines[0], result.stderr
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started
+
+
+def test_cv_epochs_shortens_the_folds_only():
+    cfg = load_config("seed", ["cv.epochs=2", "train.epochs=7"])
+    for cand in cfg.candidates():
+        assert cand.cv_train.epochs == 2 and cand.train.epochs == 7
+        assert cand.cv_train.model_copy(update={"epochs": 7}) == cand.train
+    assert all(c.cv_train == c.train for c in load_config("seed").candidates())
+    with pytest.raises(ConfigError, match="cv.epochs"):
+        load_config("seed", ["cv.epochs=0"])
+
+
+@pytest.mark.parametrize("preset", ["cpu", "strong"])
+def test_accuracy_presets_stay_within_their_parameter_budget(preset):
+    from pipeline.model import build_model, count_parameters
+
+    cfg = load_config(preset)
+    sizes = [count_parameters(build_model(c.model)) for c in cfg.candidates()]
+    assert max(sizes) <= 1_100_000 and len(sizes) >= 2
+    assert cfg.train.augment.active and cfg.train.schedule == "cosine"

@@ -1,0 +1,99 @@
+"""Batched folds (pipeline.batched.fit_folds) against sequential fit, fold by fold, on real MNIST subsets (CPU)."""
+
+import pytest
+import torch
+
+from pipeline.batched import fit_folds
+from pipeline.config import AugmentConfig, ModelConfig, TrainConfig
+from pipeline.data import stratified_folds
+from pipeline.train import TrainingAborted, TrainingDiverged, fit, predict_logits
+
+SEEDS = [1000, 2000, 3000]
+MODEL = ModelConfig(depth=2, mlp_hidden=16, pos_base=100)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread, and the machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def subset(mnist):
+    x, y = mnist.train_images[:2250], mnist.train_labels[:2250]
+    return x, y, stratified_folds(y, 3, 0)  # 1500 training / 750 validation images per fold
+
+
+def sequential(train_cfg, x, y, folds):
+    return [fit(MODEL, train_cfg, x[tr], y[tr], {"val": (x[va], y[va])}, seed=seed, progress=False)
+            for (tr, va), seed in zip(folds, SEEDS)]
+
+
+def assert_same_training(expected, got, x, folds):
+    """Same per-epoch metrics, same weights, same outputs, fold by fold.
+
+    The attention's key bias is compared through the outputs only: its gradient is zero in exact arithmetic (a
+    constant added to every key of a row leaves the softmax unchanged), and Adam turns the rounding noise there
+    into steps of size lr, so two float-equal trainings differ in it without any effect on what the model computes.
+    """
+    assert len(expected) == len(got)
+    for a, b, (_, val) in zip(expected, got, folds):
+        assert [list(m) for m in a.history] == [list(m) for m in b.history]
+        for ma, mb in zip(a.history, b.history):
+            for key in ma.keys() - {"epoch_seconds"}:
+                assert mb[key] == pytest.approx(ma[key], abs=1e-4), key
+        for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+            if name.endswith("attn.qkv.bias"):
+                dim = len(p) // 3
+                p, q = torch.cat([p[:dim], p[2 * dim:]]), torch.cat([q[:dim], q[2 * dim:]])
+            assert torch.allclose(p, q, rtol=0, atol=1e-5), (name, (p - q).abs().max().item())
+        images = x[val]
+        assert torch.allclose(predict_logits(a.model, images, 4096, torch.device("cpu")),
+                              predict_logits(b.model, images, 4096, torch.device("cpu")), rtol=0, atol=1e-4)
+
+
+def test_batched_folds_equal_sequential_fits(subset):
+    x, y, folds = subset
+    cfg = TrainConfig(epochs=2, batch_size=128, device="cpu")
+    seen = []
+    got = fit_folds(MODEL, cfg, x, y, folds, SEEDS, progress=False,
+                    callback=lambda fold, epoch, metrics: seen.append((fold, epoch, metrics["val_error"])))
+    assert_same_training(sequential(cfg, x, y, folds), got, x, folds)
+    assert [(f, e) for f, e, _ in seen] == [(f, e) for e in (1, 2) for f in range(3)]
+    assert [v for f, e, v in seen if e == 2] == [r.final["val_error"] for r in got]
+    assert all(type(r.model).__name__ == "ViT" and not r.model.training for r in got)
+
+
+def test_with_augmentation_schedule_label_smoothing_clipping_and_weight_decay(subset):
+    x, y, folds = subset
+    cfg = TrainConfig(epochs=2, batch_size=128, device="cpu", optimizer="adamw", weight_decay=0.05,
+                      schedule="cosine", warmup_epochs=0.5, min_lr=1e-4, label_smoothing=0.1, grad_clip=0.5,
+                      augment=AugmentConfig(rotation=10, translate=0.1, scale=(0.9, 1.1), shear=5, erasing=0.3))
+    assert_same_training(sequential(cfg, x, y, folds), fit_folds(MODEL, cfg, x, y, folds, SEEDS, progress=False),
+                         x, folds)
+
+
+def test_folds_of_unequal_size_take_their_own_number_of_steps(subset):
+    """1000, 963 and 1130 images in batches of 128: 8, 8 and 9 steps per epoch with last batches of 104, 67 and
+    106. Fold 1 and 2 sit out the 9th step of every epoch; their learning-rate schedules run on 8 steps an epoch."""
+    x, y, _ = subset
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    folds = [(order[:1000], order[1000:1400]), (order[1000:1963], order[:500]), (order[1100:2230], order[:300])]
+    cfg = TrainConfig(epochs=2, batch_size=128, device="cpu", weight_decay=1e-3, schedule="cosine",
+                      warmup_epochs=0.5, grad_clip=1.0)
+    assert_same_training(sequential(cfg, x, y, folds), fit_folds(MODEL, cfg, x, y, folds, SEEDS, progress=False),
+                         x, folds)
+
+
+def test_divergence_names_the_fold_and_should_stop_aborts(subset):
+    x, y, folds = subset
+    with pytest.raises(TrainingDiverged, match=r"cfg fold 1/3: .* in epoch 1 \(train.lr=1e\+30\)") as raised:
+        fit_folds(MODEL, TrainConfig(epochs=1, lr=1e30, device="cpu"), x, y, folds, SEEDS, progress=False,
+                  desc="cfg")
+    assert raised.value.fold == 0
+    with pytest.raises(TrainingAborted, match="stopped in epoch 1"):
+        fit_folds(MODEL, TrainConfig(epochs=1, device="cpu"), x, y, folds, SEEDS, progress=False,
+                  should_stop=lambda: True)

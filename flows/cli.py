@@ -44,6 +44,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"Throughput:      {n['throughput_detail']}",
         f"CV folds:        {s.get('folds_trained', '?')} trained, {s.get('folds_reused', 0)} reused from an earlier "
         f"run of this study" + (" (vitflow run --fresh retrains all)" if s.get("folds_reused") else ""),
+        f"Fold tasks:      {s.get('fold_runner', 'local threads')}",
         f"ONNX model:      {s['onnx_path']}",
         f"Registered:      {reg['model_uri']} -> @{reg['alias']} ({reg['reason']})",
         f"Model card:      model_card.md on final run {s['final_run_id']} (also the version's description)",
@@ -57,7 +58,12 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        load_config(args.config, args.set)  # validate before Prefect or any data work starts
+        cfg = load_config(args.config, args.set)  # validate before Prefect or any data work starts
+        if args.runner == "dask":  # no tracking server, a bad or silent scheduler address: say so in seconds
+            from flows import dask_runner
+            from pipeline.tracking import tracking_uri
+
+            args.dask_address = dask_runner.preflight(tracking_uri(cfg.tracking), args.dask_address)
     except ConfigError as exc:
         print(f"vitflow: {exc}", file=sys.stderr)
         return 2
@@ -66,7 +72,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _sigterm)
     try:
-        summary = vit_pipeline(config=args.config, overrides=args.set, fresh=args.fresh)
+        summary = vit_pipeline(config=args.config, overrides=args.set, fresh=args.fresh, runner=args.runner,
+                               dask_address=args.dask_address)
     except (DataError, ConfigError) as exc:
         print(f"vitflow: {exc}", file=sys.stderr)
         return 2
@@ -115,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="override one setting, e.g. --set train.epochs=2 --set cv.grid.model.depth=[2,3]")
     run.add_argument("--fresh", action="store_true",
                      help="retrain every fold even if an earlier run of the same study finished it")
+    run.add_argument("--runner", choices=("local", "dask"), default="local",
+                     help="where fold tasks run: local threads (default), or Dask workers (prefect-dask; needs an "
+                          "MLflow tracking server, MLFLOW_TRACKING_URI=http://...)")
+    run.add_argument("--dask-address", metavar="tcp://HOST:8786",
+                     help="Dask scheduler for --runner dask; default: a local cluster sized to this machine")
     run.set_defaults(func=cmd_run)
     srv = sub.add_parser("serve", help="serve the deployments seed-study and scheduled-retraining from this "
                          "process (needs PREFECT_API_URL pointing at a Prefect server); Ctrl-C stops")
@@ -125,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     from flows.consume_cli import add_parsers  # predict, evaluate
     add_parsers(sub)
     args = parser.parse_args(argv)
+    if getattr(args, "dask_address", None) and args.runner != "dask":
+        parser.error("--dask-address needs --runner dask")
     return args.func(args)
 
 

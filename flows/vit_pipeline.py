@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,12 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.context import FlowRunContext  # noqa: E402
 from prefect.futures import as_completed, wait  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from prefect.utilities.annotations import quote  # noqa: E402
 
+from flows import dask_runner  # noqa: E402
 from pipeline import data as data_lib  # noqa: E402
 from pipeline import report as report_lib  # noqa: E402
 from pipeline import study as steps  # noqa: E402
@@ -53,18 +56,39 @@ def acquire_data(data_cfg: DataConfig) -> tuple[Path, dict[str, str]]:
     return root, md5
 
 
+class Opaque:
+    """A task argument that Prefect passes on without looking inside (as ``quote`` does) and that survives the
+    trip to a Dask worker: ``quote`` is a tuple subclass, which Dask's transport turns into a plain tuple."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __getstate__(self) -> tuple[Any]:
+        return (self.value,)
+
+    def __setstate__(self, state: tuple[Any]) -> None:
+        self.value = state[0]
+
+
 def _fold_cache_key(context, parameters: dict[str, Any]) -> str:
     return parameters["cache_key"]  # configuration + fold + data md5 + code version (pipeline.study.Study.fold_key)
 
 
 @task(name="train-fold", task_run_name="{label} fold {fold_number}", cache_key_fn=_fold_cache_key,
       persist_result=True, result_serializer="json")
-def train_fold(study: steps.Study, index: int, fold_index: int, configuration_run_id: str, label: str,
+def train_fold(study: Opaque, index: int, fold_index: int, configuration_run_id: str, label: str,
                fold_number: int, cache_key: str) -> dict[str, Any]:
-    """One fold; its result is kept in the local result store, so a re-run of a crashed study skips it."""
-    result = steps.train_fold(study, index, fold_index, configuration_run_id)
-    get_run_logger().info("%s fold %d: val_error %.4f (%.1f s)", label, fold_number, result["val_error"],
-                          result["seconds"])
+    """One fold; its result is kept in the result store, so a re-run of a crashed study skips it. On a Dask
+    worker the study arrives without its tensors and reloads them there (pipeline.study.Study.ensure_data)."""
+    study: steps.Study = study.value
+    where = dask_runner.worker_tags()
+    if "dask.worker" in where:
+        configure_threads(study.cfg.train.threads or 1)  # one torch thread per Dask thread
+    result = steps.train_fold(study, index, fold_index, configuration_run_id, tags=where)
+    get_run_logger().info("%s fold %d: val_error %.4f (%.1f s) on %s", label, fold_number, result["val_error"],
+                          result["seconds"], where.get("dask.worker", where["host"]))
     return result
 
 
@@ -112,13 +136,33 @@ def fold_concurrency(cfg: StudyConfig, jobs: int) -> int:
     return max(1, min(os.cpu_count() or 1, jobs))  # tiny models: one thread per task scales better than intra-op
 
 
+def _on_dask(cfg: StudyConfig, config: str, overrides: list[str] | None, fresh: bool,
+             dask_address: str | None) -> dict[str, Any]:
+    """The same flow as a subflow whose task runner is prefect-dask's DaskTaskRunner (how a deployment, whose
+    task runner is fixed, runs with runner=dask; the CLI goes the same way)."""
+    address = dask_runner.preflight(tracking_uri(cfg.tracking), dask_address)
+    jobs = len(cfg.candidates()) * cfg.cv.folds
+    runner = dask_runner.task_runner(address, local_workers=fold_concurrency(cfg, jobs))
+    with dask_runner.prefect_api_for_workers():
+        return vit_pipeline.with_options(task_runner=runner)(config=config, overrides=overrides, fresh=fresh,
+                                                             runner="dask", dask_address=address)
+
+
 @flow(name="vit-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=MAX_FOLD_WORKERS), log_prints=True)
-def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh: bool = False) -> dict[str, Any]:
+def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh: bool = False,
+                 runner: str = "local", dask_address: str | None = None) -> dict[str, Any]:
     """Run a study: ``config`` is a preset name (configs/<name>.yaml) or a YAML path; ``overrides`` are
     ``key=value`` strings (e.g. ``train.epochs=2``). Folds finished by an earlier run of the same study (same
-    configuration, data and code) are reused from the result store unless ``fresh`` is set."""
+    configuration, data and code) are reused from the result store unless ``fresh`` is set. ``runner="dask"``
+    trains the fold tasks on the Dask scheduler at ``dask_address`` (tcp://HOST:8786), or on a LocalCluster
+    sized to this machine when no address is given; it needs an MLflow tracking server (HTTP URI)."""
     started = time.perf_counter()
     cfg = load_config(config, overrides)  # fails here, before any work, on a bad configuration
+    dask_runner.check_runner(runner)
+    active_runner = FlowRunContext.get().task_runner
+    on_dask = dask_runner.is_dask_runner(active_runner)
+    if runner == "dask" and not on_dask:
+        return _on_dask(cfg, config, overrides, fresh, dask_address)
     logger = get_run_logger()
     timings: dict[str, float] = {}
 
@@ -130,14 +174,30 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh
 
     tracker = Tracker(tracking_uri(cfg.tracking), cfg.experiment_name)
     study = steps.Study(cfg=cfg, data=dataset, tracker=tracker)
+    cluster = None
+    if on_dask:
+        dask_runner.require_tracking_server(tracker.uri)
+        cluster = dask_runner.attach(active_runner, tracker.uri)
+        study.abort = dask_runner.ClusterStop(f"vitflow-stop-{uuid.uuid4().hex}", cluster["client"])
     running: list = []
     try:
         steps.start_study(study)
         jobs = [(i, f) for i in range(len(study.candidates)) for f in range(cfg.cv.folds)]
-        workers = fold_concurrency(cfg, len(jobs))
+        if cluster is None:
+            workers = fold_concurrency(cfg, len(jobs))
+            where = f"threads on {dask_runner.worker_tags()['host']}"
+            run_tags = {"runner": "local"}
+        else:  # as many folds in flight as the cluster has worker threads; Dask places them
+            workers = max(1, min(cluster["threads"], len(jobs)))
+            names = sorted(w["name"] for w in cluster["workers"].values())
+            where = f"Dask at {cluster['scheduler']}, {len(names)} worker(s): {', '.join(names)}"
+            run_tags = {"runner": "dask", "dask.scheduler": cluster["scheduler"],
+                        "dask.workers": ",".join(names)[:5000]}
+        tracker.set_tags(study.run_id, run_tags)
         threads = configure_threads(cfg.train.threads, workers)
-        logger.info("cross-validation: %d configurations x %d folds, %d at once, %d torch thread(s) each",
-                    len(study.candidates), cfg.cv.folds, workers, threads)
+        logger.info("cross-validation: %d configurations x %d folds, %d at once (%s), %d torch thread(s) each",
+                    len(study.candidates), cfg.cv.folds, workers, where,
+                    cfg.train.threads or 1 if cluster else threads)
 
         mark = time.perf_counter()
         config_runs = [steps.start_configuration(study, i) for i in range(len(study.candidates))]
@@ -149,7 +209,7 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh
                 done = next(as_completed(running))
                 running.remove(done)
                 results.append(done.result())
-            running.append(fold_task.submit(quote(study), index, fold_index, config_runs[index],
+            running.append(fold_task.submit(Opaque(study), index, fold_index, config_runs[index],
                                             study.candidates[index].label, fold_index + 1,
                                             study.fold_key(index, fold_index)))
         while running:
@@ -196,6 +256,7 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh
         summary = steps.summarize(study, leaderboard, result, final_run, onnx_path, parity, report, registration,
                                   timings)
         summary["folds_reused"], summary["folds_trained"] = reused, len(results) - reused
+        summary["fold_runner"] = where
         card = model_card(quote(study), summary)  # model_card.md on the final run, the version's description
         tracker.end_run(study.run_id)
     except BaseException as exc:

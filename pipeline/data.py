@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +115,39 @@ def acquire(cfg: DataConfig) -> tuple[Path, dict[str, str]]:
         raise DownloadError(f"could not download MNIST into {raw_dir(root)} ({reason}); without network, "
                             f"{_where_to_put(root)}") from failure
     return root, verify(root)
+
+
+_PROCESS_DATA: dict[tuple, MnistTensors] = {}
+_PROCESS_DATA_LOCK = threading.Lock()
+
+
+def load_elsewhere(cfg: DataConfig, root: Path, md5: dict[str, str]) -> MnistTensors:
+    """The data set in a process that did not acquire it (a Dask worker, maybe on another machine): from this
+    machine's $VITFLOW_DATA_DIR if set, else from the flow's data root ``root`` (a shared filesystem). Missing
+    files are downloaded there under a file lock, so that workers sharing a disk fetch them once; every file's
+    MD5 must equal the flow's (``md5``). Cached per process: one load per worker and study, not one per fold."""
+    local = Path(os.environ.get(DATA_DIR_ENV) or root).expanduser().resolve()
+    key = (str(local), tuple(sorted(md5.items())), cfg.train_subset, cfg.test_subset, cfg.subset_seed)
+    with _PROCESS_DATA_LOCK:
+        if key in _PROCESS_DATA:
+            return _PROCESS_DATA[key]
+        if all((raw_dir(local) / name).is_file() for name in RAW_MD5):
+            digests = verify(local)  # read-only: a shared data root is never written to when it is complete
+        else:
+            from filelock import FileLock
+
+            raw_dir(local).mkdir(parents=True, exist_ok=True)
+            with FileLock(str(raw_dir(local) / ".vitflow-acquire.lock")):
+                _, digests = acquire(cfg.model_copy(update={"root": str(local)}))
+        for name, expected in md5.items():
+            if digests.get(name) != expected:
+                raise DataError(f"MNIST file {raw_dir(local) / name} on {socket.gethostname()} has md5 "
+                                f"{digests.get(name)}, the study's is {expected}; give every worker the same files "
+                                f"(a shared data root, or ${DATA_DIR_ENV} on each machine)")
+        tensors = load(cfg, root=local, md5=digests)
+        _PROCESS_DATA.clear()  # one study's data per worker process at a time
+        _PROCESS_DATA[key] = tensors
+        return tensors
 
 
 def stratified_subset(labels: Tensor, size: int | None, seed: int) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pipeline import attention, plots
 from pipeline.config import Candidate, StudyConfig
-from pipeline.data import MnistTensors, stratified_folds
+from pipeline.data import DataError, MnistTensors, load_elsewhere, stratified_folds
 from pipeline.export import export_onnx
 from pipeline.inference import OnnxClassifier, evaluate_onnx, preferred_providers
 from pipeline.model import build_model, count_parameters
@@ -53,12 +53,46 @@ class Study:
     folds: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
     selected: str = ""
-    abort: threading.Event = field(default_factory=threading.Event)
+    # Set when the study stops; fold tasks poll it between batches. A threading.Event, or any object with
+    # set()/is_set() that pickles (the Dask runner's cluster-wide stop signal, flows/dask_runner.py).
+    abort: Any = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.candidates = self.cfg.candidates()
         self.folds = stratified_folds(self.data.train_labels, self.cfg.cv.folds, self.cfg.cv.seed)
         self.code_version = code_version()
+        self._data_ref: dict[str, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a fold task in another process or on another machine (a Dask worker) receives: everything but
+        the tensors (the worker reloads the data from the data root and checks it against these MD5s, once per
+        worker process: see ensure_data); an in-process threading.Event is replaced by a fresh one there."""
+        state = dict(self.__dict__)
+        data = state.pop("data")
+        state.pop("folds")
+        if data is not None:
+            state["_data_ref"] = {"root": str(data.root), "md5": dict(data.md5)}
+        if isinstance(state["abort"], threading.Event):
+            state["abort"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.data, self.folds = None, []
+        if self.abort is None:
+            self.abort = threading.Event()
+
+    def ensure_data(self) -> None:
+        """Load the data where this study was unpickled (a Dask worker); a no-op where it was built. Refuses a
+        worker whose library code differs from the flow's: its folds would be cached under the wrong key."""
+        if self.data is not None:
+            return
+        here = code_version()
+        if here != self.code_version:
+            raise DataError(f"this worker's vitflow library (code version {here}) differs from the flow's "
+                            f"({self.code_version}); run every worker from the same checkout or image")
+        self.data = load_elsewhere(self.cfg.data, Path(self._data_ref["root"]), self._data_ref["md5"])
+        self.folds = stratified_folds(self.data.train_labels, self.cfg.cv.folds, self.cfg.cv.seed)
 
     @property
     def key(self) -> str:
@@ -68,7 +102,7 @@ class Study:
     def fold_key(self, index: int, fold_index: int) -> str:
         """Cache key of one fold's result: everything that determines it, nothing that does not."""
         cand = self.candidates[index]
-        return _hash({"model": cand.model.model_dump(mode="json"), "train": cand.train.model_dump(mode="json"),
+        return _hash({"model": cand.model.model_dump(mode="json"), "train": cand.cv_train.model_dump(mode="json"),
                       "folds": self.cfg.cv.folds, "cv_seed": self.cfg.cv.seed, "fold_index": fold_index,
                       "seed": fold_seed(self, fold_index), "md5": self.data.md5, "code": self.code_version,
                       "subset": self.cfg.data.model_dump(include={"train_subset", "subset_seed"})})
@@ -124,7 +158,7 @@ def start_configuration(study: Study, index: int) -> str:
     cand = study.candidates[index]
     params = {"label": cand.label, "parameters": count_parameters(build_model(cand.model)),
               **flatten("model", cand.model.model_dump(mode="json")),
-              **flatten("train", cand.train.model_dump(mode="json"))}
+              **flatten("train", cand.cv_train.model_dump(mode="json"))}
     return study.tracker.start_run(cand.label, parent_id=study.run_id, params=params,
                                    tags={ROLE: "configuration", "configuration": cand.label,
                                          "candidate_index": index, "study_run_id": study.run_id})
@@ -135,25 +169,31 @@ def fold_seed(study: Study, fold_index: int) -> int:
     return study.cfg.train.seed + 1000 * (fold_index + 1)
 
 
-def train_fold(study: Study, index: int, fold_index: int, configuration_run_id: str) -> dict[str, Any]:
-    """Train one configuration on one fold; per-epoch metrics go to a fold run under the configuration's run.
-    The returned dict is plain JSON (it is what the result store keeps for a resumed study)."""
+def train_fold(study: Study, index: int, fold_index: int, configuration_run_id: str,
+               tags: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train one configuration on one fold; per-epoch metrics go to a fold run under the configuration's run,
+    with ``tags`` saying where it ran (host, Dask worker). The returned dict is plain JSON (it is what the
+    result store keeps for a resumed study)."""
+    study.ensure_data()
     cand = study.candidates[index]
     k = study.cfg.cv.folds
     train_idx, val_idx = study.folds[fold_index]
     x, y = study.data.train_images, study.data.train_labels
     name = f"fold {fold_index + 1}/{k}"
-    with study.tracker.run(name, parent_id=configuration_run_id, tags=_fold_tags(study, index, fold_index),
+    where = {k: str(v) for k, v in (tags or {}).items()}
+    with study.tracker.run(name, parent_id=configuration_run_id, tags={**_fold_tags(study, index, fold_index),
+                                                                        **where},
                            params=_fold_params(study, fold_index)) as run_id:
         if study.abort.is_set():
             raise TrainingAborted(f"{cand.label} {name}: not started because the study is stopping")
-        result = fit(cand.model, cand.train, x[train_idx], y[train_idx], {"val": (x[val_idx], y[val_idx])},
+        result = fit(cand.model, cand.cv_train, x[train_idx], y[train_idx], {"val": (x[val_idx], y[val_idx])},
                      seed=fold_seed(study, fold_index), desc=f"{cand.label} {name}", should_stop=study.abort.is_set,
                      callback=lambda epoch, m: study.tracker.log_metrics(run_id, m, step=epoch))
         study.tracker.log_metrics(run_id, {"fit_seconds": result.seconds})
     return {"candidate_index": index, "fold_index": fold_index, "run_id": run_id,
             "configuration_run_id": configuration_run_id, "history": result.history,
-            "parameters": count_parameters(result.model), "seconds": result.seconds, **result.final}
+            "parameters": count_parameters(result.model), "seconds": result.seconds, "ran_on": where,
+            **result.final}
 
 
 def _fold_tags(study: Study, index: int, fold_index: int) -> dict[str, Any]:
@@ -171,7 +211,7 @@ def record_cached_fold(study: Study, result: dict[str, Any], configuration_run_i
     """A fold reused from the result store still gets its run in this study's tree: the stored per-epoch metrics
     are replayed into it and it points at the run that trained it (tag ``cached_from``)."""
     index, fold_index = result["candidate_index"], result["fold_index"]
-    tags = {**_fold_tags(study, index, fold_index), "cached_from": result["run_id"]}
+    tags = {**_fold_tags(study, index, fold_index), **result.get("ran_on", {}), "cached_from": result["run_id"]}
     with study.tracker.run(f"fold {fold_index + 1}/{study.cfg.cv.folds}", parent_id=configuration_run_id,
                            tags=tags, params=_fold_params(study, fold_index)) as run_id:
         for epoch, metrics in enumerate(result["history"], 1):

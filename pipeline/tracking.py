@@ -95,6 +95,17 @@ class Tracker:
         self._open: set[str] = set()
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A tracker sent to another process (a Dask worker) talks to the same store (URI) and experiment; the
+        runs it opens there are its own to close."""
+        return {"uri": self.uri, "experiment_name": self.experiment_name, "experiment_id": self.experiment_id}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self._open = set()
+        self._lock = threading.Lock()
+
     def _ensure_experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is not None:

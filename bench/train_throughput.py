@@ -1,0 +1,173 @@
+"""Training throughput: the project's ``fit`` against a bare PyTorch loop, and batched folds against sequential ones.
+
+    .venv/bin/python bench/train_throughput.py                          # CPU, 10,000 images, 1 epoch, 3 repeats
+    .venv/bin/python bench/train_throughput.py --device cuda --images 20000 --repeats 5
+
+The bare loop is what a person would write by hand for the same job: the model from ``build_model`` with the same
+configuration and seed, the uint8 images resident on the device, the same batch size and optimizer (Adam, fused on
+CUDA, as fit makes it), ``randperm`` indexing, ``to_pixels``, ``cross_entropy``, ``zero_grad(set_to_none=True)``,
+``backward``, ``step``; nothing else. ``fit`` runs as the study calls it (a ``should_stop`` poll before every
+batch, per-epoch metrics, progress bar off), without evaluation sets. Both start from the host tensors, so both
+pay for building the model and moving the data. Images per second = training images x epochs / wall time (CUDA
+synchronised). The variants alternate within each repeat (the machine may be shared) and the median repeat is
+reported; one untimed warm-up run of each comes first.
+
+Batched folds (``pipeline.batched.fit_folds``, 3 folds of ``--images`` training images and half as many
+validation images each) are timed against the same 3 folds trained one after another by ``fit`` with their
+validation set; "3 batched / 1 fold" is the batched run's time over one sequential fold's (1.0 would mean the
+other two folds come free, 3.0 no gain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from pipeline.batched import fit_folds  # noqa: E402
+from pipeline.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from pipeline.data import load, stratified_folds  # noqa: E402
+from pipeline.model import build_model, count_parameters  # noqa: E402
+from pipeline.train import fit, resolve_device, to_pixels  # noqa: E402
+
+MODELS = {  # name: (label, configuration)
+    "seed": ("seed (dim 8, 3 blocks, MLP 32)", ModelConfig(dim=8, heads=2, depth=3, mlp_hidden=32, pos_base=100)),
+    "bigger": ("bigger (dim 64, 4 blocks, MLP 128)",
+               ModelConfig(dim=64, heads=4, depth=4, mlp_hidden=128, pos_base=100)),
+}
+SEED = 0
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def bare_loop(model_cfg: ModelConfig, train_cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
+              device: torch.device) -> None:
+    """The hand-written baseline: nothing but the training step."""
+    model = build_model(model_cfg, seed=SEED).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, fused=device.type == "cuda")
+    images, labels = images.to(device), labels.to(device)
+    shuffler = torch.Generator().manual_seed(SEED)
+    n, bs = len(labels), train_cfg.batch_size
+    for _ in range(train_cfg.epochs):
+        order = torch.randperm(n, generator=shuffler).to(device)
+        for i in range(0, n, bs):
+            idx = order[i:i + bs]
+            loss = F.cross_entropy(model(to_pixels(images[idx])), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved(variants: dict[str, Callable[[], object]], warmups: dict[str, Callable[[], object]],
+                repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per variant over ``repeats`` alternating rounds, after one untimed warm-up of each."""
+    for fn in warmups.values():
+        timed(fn, device)
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            seconds[name].append(timed(fn, device))
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--images", type=int, default=10_000, help="training images per run (and per fold)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating timed rounds (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--no-batched", action="store_true", help="skip batched folds vs sequential folds")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    data = load(DataConfig())
+    folds_of = int(args.images * 1.5)  # 3 stratified folds: each trains on `images`, validates on images / 2
+    x, y = data.train_images[:folds_of], data.train_labels[:folds_of]
+    folds = stratified_folds(y, 3, SEED)
+    seeds = [1000, 2000, 3000]
+    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, device=device.type)
+    stop = threading.Event()
+
+    gpu = f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""
+    print(f"# {datetime.date.today()}, {cpu_name()} ({os.cpu_count()} logical CPUs){gpu}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} intra-op thread(s); {args.images:,} images x {args.epochs} epoch(s), batch "
+          f"{args.batch_size}, median of {args.repeats} alternating repeats\n")
+    fit_rows = ["| device | model | parameters | bare loop img/s | fit img/s | fit / bare |",
+                "|---|---|---|---|---|---|"]
+    fold_rows = ["| device | model | 1 fold s | 3 sequential s | 3 batched s | 3 batched / 1 fold | "
+                 "sequential / batched |", "|---|---|---|---|---|---|---|"]
+    warm_folds = [(tr[:4 * args.batch_size], va[:args.batch_size]) for tr, va in folds]
+    for label, model_cfg in (MODELS[name] for name in args.models):
+        params = count_parameters(build_model(model_cfg))
+        xs, ys = x[folds[0][0]], y[folds[0][0]]
+        few = slice(0, 4 * args.batch_size)
+        med = interleaved(
+            {"bare": lambda: bare_loop(model_cfg, train_cfg, xs, ys, device),
+             "fit": lambda: fit(model_cfg, train_cfg, xs, ys, seed=SEED, progress=False, should_stop=stop.is_set)},
+            {"bare": lambda: bare_loop(model_cfg, train_cfg, xs[few], ys[few], device),
+             "fit": lambda: fit(model_cfg, train_cfg, xs[few], ys[few], seed=SEED, progress=False)},
+            args.repeats, device)
+        rate = {name: len(ys) * args.epochs / s for name, s in med.items()}
+        fit_rows.append(f"| {device.type} | {label} | {params:,} | {rate['bare']:,.0f} | {rate['fit']:,.0f} | "
+                        f"{rate['fit'] / rate['bare']:.2f} |")
+        print(fit_rows[-1], flush=True)
+        if args.no_batched:
+            continue
+
+        def sequential(folds: list = folds) -> list:
+            return [fit(model_cfg, train_cfg, x[tr], y[tr], {"val": (x[va], y[va])}, seed=s, progress=False,
+                        should_stop=stop.is_set) for (tr, va), s in zip(folds, seeds)]
+
+        def batched(folds: list = folds) -> list:
+            return fit_folds(model_cfg, train_cfg, x, y, folds, seeds, progress=False, should_stop=stop.is_set)
+
+        med = interleaved({"sequential": sequential, "batched": batched},
+                          {"sequential": lambda: sequential(warm_folds), "batched": lambda: batched(warm_folds)},
+                          args.repeats, device)
+        one = med["sequential"] / 3
+        fold_rows.append(f"| {device.type} | {label} | {one:.2f} | {med['sequential']:.2f} | {med['batched']:.2f} | "
+                         f"{med['batched'] / one:.2f} | {med['sequential'] / med['batched']:.2f} |")
+        print(fold_rows[-1], flush=True)
+    print("\n" + "\n".join(fit_rows))
+    if not args.no_batched:
+        print("\n" + "\n".join(fold_rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

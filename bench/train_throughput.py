@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""
     print(f"# {datetime.date.today()}, {cpu_name()} ({os.cpu_count()} logical CPUs){gpu}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} intra-op thread(s); {args.images:,} images x {args.epochs} epoch(s), batch "
-          f"{args.batch_size}, median of {args.repeats} alternating repeats\n")
+          f"{args.batch_size}, median of {args.repeats} alternating repeats\n", flush=True)
     fit_rows = ["| device | model | parameters | bare loop img/s | fit img/s | fit / bare |",
                 "|---|---|---|---|---|---|"]
     fold_rows = ["| device | model | 1 fold s | 3 sequential s | 3 batched s | 3 batched / 1 fold | "
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         rate = {name: len(ys) * args.epochs / s for name, s in med.items()}
         fit_rows.append(f"| {device.type} | {label} | {params:,} | {rate['bare']:,.0f} | {rate['fit']:,.0f} | "
                         f"{rate['fit'] / rate['bare']:.2f} |")
-        print(fit_rows[-1], flush=True)
+        print(fit_rows[-1], file=sys.stderr, flush=True)  # progress; the tables go to stdout at the end
         if args.no_batched:
             continue
 
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         one = med["sequential"] / 3
         fold_rows.append(f"| {device.type} | {label} | {one:.2f} | {med['sequential']:.2f} | {med['batched']:.2f} | "
                          f"{med['batched'] / one:.2f} | {med['sequential'] / med['batched']:.2f} |")
-        print(fold_rows[-1], flush=True)
-    print("\n" + "\n".join(fit_rows))
+        print(fold_rows[-1], file=sys.stderr, flush=True)
+    print("\n".join(fit_rows))
     if not args.no_batched:
         print("\n" + "\n".join(fold_rows))
     return 0

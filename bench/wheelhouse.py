@@ -1,0 +1,118 @@
+"""Wheels for bench/gpu_check.sh: the GPU machine has Python 3.12, torch and many packages, but no package registry.
+
+    .venv/bin/python bench/wheelhouse.py              # -> .whl/ (what `make wheelhouse` runs)
+    .venv/bin/python bench/wheelhouse.py --complete   # every runtime dependency: for a bare Python 3.12 + torch
+
+The requirements are pyproject.toml's runtime dependencies less torch and torchvision (preinstalled there, with
+their nvidia-* libraries) and onnxruntime-gpu (a ~255 MB wheel; the machine has onnxruntime), plus pytest. pip
+resolves them for CPython 3.12 on manylinux x86_64, binary wheels only (``pip install --dry-run --report``), then
+downloads exactly the resolved versions (``pip download --no-deps``).
+
+A device call carries at most 64 MiB: wheels, MNIST (.mnist/, ~9 MiB) and the checkout together, and the complete
+set is over 250 MB. So unless ``--complete``, the folder holds what the GPU check needs and the GPU machine lacks:
+left out are the distributions its image already has (GPU_IMAGE_HAS, pytest among them), the scale-out
+dependencies (SCALE_OUT and what only they need; the GPU check runs the local runner on SQLite, and flows/ imports
+them only for ``--runner dask`` and PostgreSQL), and NOT_IMPORTED. That is ~53 MiB; the script prints what a
+device call would carry. Wheels already in the folder that are not in the resolved set are removed: two wheels
+of one package stop ``pip install --no-deps``. bench/gpu_check.sh installs only the wheels whose distribution the
+machine lacks, so an out-of-date GPU_IMAGE_HAS costs size, not correctness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parent.parent
+NOT_CARRIED = {"torch", "torchvision", "onnxruntime-gpu"}
+EXTRA = ["pytest"]
+SCALE_OUT = {"prefect-dask", "psycopg", "psycopg2-binary"}
+NOT_IMPORTED = {"apprise"}  # Prefect's notification library: only notification blocks import it
+# Distributions of the project's dependency closure that the GPU machine's image ('cuda') holds, from the device
+# notes' package list (2026-11-17).
+GPU_IMAGE_HAS = set("""
+aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs certifi charset-normalizer click cloudpickle colorama
+contourpy cycler fonttools frozenlist fsspec h11 httpcore httpx humanize idna jinja2 joblib kiwisolver markdown
+markdown-it-py markupsafe matplotlib mdurl ml-dtypes mpmath msgpack multidict narwhals numpy onnx onnx-ir onnxscript
+packaging pandas pathspec pillow pluggy iniconfig prometheus-client propcache protobuf psutil pyarrow pygments
+pyparsing pytest python-dateutil pyyaml regex requests rich scikit-learn scipy shellingham six sortedcontainers
+sympy threadpoolctl toolz tqdm typer typing-extensions urllib3 werkzeug yarl zipp
+""".split())
+TARGET = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp"] + [
+    arg for platform in ["manylinux1_x86_64", "manylinux2010_x86_64", "manylinux2014_x86_64"]
+    + [f"manylinux_2_{n}_x86_64" for n in (5, 12, 17, 24, 26, 27, 28, 31, 34, 35)]
+    for arg in ("--platform", platform)]
+CARRY_LIMIT_MIB = 64  # what one device call carries: the checkout and the carried folders together
+
+
+def requirements(skip: set[str]) -> list[str]:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return [d for d in deps if canonicalize_name(re.match(r"[A-Za-z0-9._-]+", d)[0]) not in skip] + EXTRA
+
+
+def megabytes(paths: list[Path]) -> float:
+    return sum(p.stat().st_size for p in paths if p.is_file()) / 2**20
+
+
+def carried_mib(dest: Path) -> float:
+    """What a device call carrying ``dest`` and .mnist/ would send: those folders and the checkout's files."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    checkout = [ROOT / name for name in listed if name]
+    return megabytes(checkout) + megabytes(list(dest.glob("*"))) + megabytes(list((ROOT / ".mnist").glob("*")))
+
+
+def resolve(reqs: list[str]) -> dict[str, str]:
+    """{canonical name: version} of the whole dependency closure for the target interpreter and platform."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed",
+                        *TARGET, "--report", str(report), *reqs], check=True)
+        install = json.loads(report.read_text())["install"]
+    return {canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"] for item in install}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dest", type=Path, default=ROOT / ".whl")
+    parser.add_argument("--complete", action="store_true", help="also the distributions the GPU image has")
+    args = parser.parse_args(argv)
+
+    if args.complete:
+        closure = wanted = resolve(requirements(NOT_CARRIED))
+    else:
+        closure = resolve(requirements(NOT_CARRIED | SCALE_OUT))
+        wanted = {name: version for name, version in closure.items() if name not in GPU_IMAGE_HAS | NOT_IMPORTED}
+    args.dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.dest.parent) as tmp:  # pip's cache makes a repeat download cheap
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *TARGET, "-d", tmp,
+                        *(f"{name}=={version}" for name, version in sorted(wanted.items()))], check=True)
+        fresh = {wheel.name: wheel for wheel in Path(tmp).glob("*.whl")}
+        for wheel in args.dest.glob("*.whl"):  # one wheel per distribution: two stop `pip install --no-deps`
+            if wheel.name not in fresh:
+                wheel.unlink()
+                print(f"removed {wheel.name} (not in the resolved set)")
+        for name, wheel in fresh.items():
+            wheel.replace(args.dest / name)
+    wheels = sorted(args.dest.glob("*.whl"))
+    print(f"{args.dest}: {len(wheels)} wheels, {megabytes(wheels):.1f} MiB ({len(closure)} distributions resolved, "
+          f"{len(closure) - len(wanted)} left to the GPU image)")
+    if not args.complete:
+        carried = carried_mib(args.dest)
+        print(f"a device call carrying {args.dest.name}/ and .mnist/ sends {carried:.1f} MiB of at most "
+              f"{CARRY_LIMIT_MIB}")
+        if carried > CARRY_LIMIT_MIB:
+            print("warning: that is over the limit; the GPU check cannot be carried", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

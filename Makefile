@@ -61,7 +61,7 @@ figures: install
 	$(BIN)/python scripts/readme_figures.py
 
 # Wheels for bench/gpu_check.sh (GPU machine: Python 3.12 and torch, no registry) in .whl/ (git-ignored): the
-# runtime dependencies less torch/torchvision and what that machine's image already has, plus pytest.
+# runtime dependencies less torch/torchvision and what that image already has (see bench/wheelhouse.py).
 .PHONY: wheelhouse
 wheelhouse: install
 	$(BIN)/python bench/wheelhouse.py --dest .whl

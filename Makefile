@@ -11,7 +11,7 @@ export VITFLOW_DATA_DIR ?=
 PREFECT_PORT ?= 4200
 export PREFECT_PORT MLFLOW_PORT
 
-.PHONY: install run test ui serve stop status audit clean help
+.PHONY: install run test test-scale-out ui serve stop status audit clean help
 
 help:
 	@echo "make run    run the seed study (CONFIG=seed|smoke|<path>, SET='train.epochs=2 ...')"
@@ -33,6 +33,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Only the scale-out test (part of make test): Dask scheduler + 2 workers, MLflow server on a throw-away PostgreSQL.
+test-scale-out: install
+	$(BIN)/python -m pytest tests/test_scale_out.py $(PYTEST_ARGS)
 
 ui: install
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \

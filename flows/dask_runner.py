@@ -22,8 +22,8 @@ RUNNERS = ("local", "dask")
 DEFAULT_SCHEDULER_PORT = 8786
 CONNECT_TIMEOUT_S = 5.0
 WORKERS_TIMEOUT_S = 60.0  # how long a study waits for the first worker to join an existing scheduler
-STOP_POLL_S = 1.0
-PRELOAD = "flows.dask_preload"  # imported by each worker at start (dask worker --preload flows.dask_preload)  # how often a fold on a worker asks the scheduler whether the study is stopping
+STOP_POLL_S = 1.0  # how often a fold on a worker asks the scheduler whether the study is stopping
+PRELOAD = "flows.dask_preload"  # imported by each worker at start (dask worker --preload flows.dask_preload)
 
 
 class ClusterError(ConfigError):

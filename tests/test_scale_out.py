@@ -115,7 +115,7 @@ def postgres(tmp_path_factory):
     data, log = base / "data", tmp_path_factory.mktemp("postgres-log") / "postgres.log"
     init = subprocess.run([str(pg_bin / "initdb"), "-D", str(data), "-U", "vitflow", "--auth=trust", "-E", "UTF8",
                            "--no-sync", "--no-instructions"], cwd=base, capture_output=True, text=True, timeout=120,
-                          **as_user)
+                          check=False, **as_user)
     assert init.returncode == 0, init.stdout + init.stderr
     port = _free_port()
     proc = _launch([str(pg_bin / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", str(base),
@@ -218,24 +218,23 @@ def studies(dask_processes, mlflow_server, session_env, tmp_path_factory, reques
     """The smoke study twice through the MLflow server: in local threads (started first, in the background,
     while the Dask workers finish starting) and with --runner dask. Returns both CLI results and wall times."""
     base = tmp_path_factory.mktemp("local-study")
-    out, err = open(base / "stdout", "w+"), open(base / "stderr", "w+")
     started = time.perf_counter()
-    local = subprocess.Popen([sys.executable, "-m", "flows.cli", *LOCAL], cwd=REPO, stdout=out, stderr=err,
-                             text=True, env=_env(session_env, mlflow_server, tmp_path_factory, "local"))
-    try:
-        cluster = request.getfixturevalue("dask_cluster")
-        dask_started = time.perf_counter()
-        dask = run_cli([*STUDY, "--runner", "dask", "--dask-address", cluster["address"]],
-                       _env(session_env, mlflow_server, tmp_path_factory, "dask"))
-        dask_seconds = time.perf_counter() - dask_started
-        local.wait(timeout=600)
-    finally:
-        if local.poll() is None:
-            local.kill()
-            local.wait()
-    out.seek(0), err.seek(0)
-    local_result = subprocess.CompletedProcess(local.args, local.returncode, out.read(), err.read())
-    out.close(), err.close()
+    with open(base / "stdout", "w+") as out, open(base / "stderr", "w+") as err:  # files: no pipe to fill up
+        local = subprocess.Popen([sys.executable, "-m", "flows.cli", *LOCAL], cwd=REPO, stdout=out, stderr=err,
+                                 text=True, env=_env(session_env, mlflow_server, tmp_path_factory, "local"))
+        try:
+            cluster = request.getfixturevalue("dask_cluster")
+            dask_started = time.perf_counter()
+            dask = run_cli([*STUDY, "--runner", "dask", "--dask-address", cluster["address"]],
+                           _env(session_env, mlflow_server, tmp_path_factory, "dask"))
+            dask_seconds = time.perf_counter() - dask_started
+            local.wait(timeout=600)
+        finally:
+            if local.poll() is None:
+                local.kill()
+                local.wait()
+        out.seek(0), err.seek(0)
+        local_result = subprocess.CompletedProcess(local.args, local.returncode, out.read(), err.read())
     assert dask.returncode == 0, (dask.stdout[-3000:] + dask.stderr[-5000:] +
                                   "".join(f"\n--- {p.name}\n" + p.read_text(errors="replace")[-2000:]
                                           for p in sorted(cluster["logs"].glob("*.log"))))
@@ -307,21 +306,21 @@ def test_postgres_backend_holds_the_runs(postgres, mlflow_server, studies):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_server)
-    with psycopg.connect(host="127.0.0.1", port=postgres["port"], user="vitflow", dbname="mlflow") as conn:
-        with conn.cursor() as cur:
-            for experiment in ("vitflow-smoke", "scale-local"):
-                exp, study, folds, runs = _study_runs(client, experiment)
-                cur.execute("SELECT count(*) FROM runs WHERE experiment_id = %s AND status = 'FINISHED'",
-                            (int(exp.experiment_id),))
-                assert cur.fetchone()[0] == len(runs) == 8  # study, 2 configurations, 4 folds, final
-                fold = next(iter(folds.values()))
-                cur.execute("SELECT step, value FROM metrics WHERE run_uuid = %s AND key = 'val_error' ORDER BY step",
-                            (fold.info.run_id,))
-                assert [(s, v) for s, v in cur.fetchall()] == [
-                    (m.step, m.value) for m in sorted(client.get_metric_history(fold.info.run_id, "val_error"),
-                                                      key=lambda m: m.step)]
-            cur.execute("SELECT name, alias, version FROM registered_model_aliases ORDER BY name")
-            assert cur.fetchall() == [("vit-mnist-local", "champion", 1), ("vit-mnist-smoke", "champion", 1)]
+    with (psycopg.connect(host="127.0.0.1", port=postgres["port"], user="vitflow", dbname="mlflow") as conn,
+          conn.cursor() as cur):
+        for experiment in ("vitflow-smoke", "scale-local"):
+            exp, _, folds, runs = _study_runs(client, experiment)
+            cur.execute("SELECT count(*) FROM runs WHERE experiment_id = %s AND status = 'FINISHED'",
+                        (int(exp.experiment_id),))
+            assert cur.fetchone()[0] == len(runs) == 8  # study, 2 configurations, 4 folds, final
+            fold = next(iter(folds.values()))
+            cur.execute("SELECT step, value FROM metrics WHERE run_uuid = %s AND key = 'val_error' ORDER BY step",
+                        (fold.info.run_id,))
+            assert [(s, v) for s, v in cur.fetchall()] == [
+                (m.step, m.value) for m in sorted(client.get_metric_history(fold.info.run_id, "val_error"),
+                                                  key=lambda m: m.step)]
+        cur.execute("SELECT name, alias, version FROM registered_model_aliases ORDER BY name")
+        assert cur.fetchall() == [("vit-mnist-local", "champion", 1), ("vit-mnist-smoke", "champion", 1)]
 
 
 def test_stop_signal_reaches_a_worker(dask_cluster):

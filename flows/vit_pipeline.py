@@ -92,6 +92,19 @@ def train_fold(study: Opaque, index: int, fold_index: int, configuration_run_id:
     return result
 
 
+@task(name="train-configuration", task_run_name="{label} {folds} folds batched", cache_key_fn=_fold_cache_key,
+      persist_result=True, result_serializer="json")
+def train_configuration(study: Opaque, index: int, configuration_run_id: str, label: str, folds: int,
+                        cache_key: str) -> list[dict[str, Any]]:
+    """The k folds of one configuration as one stacked model (cv.batch_folds; CUDA by default), one run each."""
+    study: steps.Study = study.value
+    where = dask_runner.worker_tags()
+    results = steps.train_folds_batched(study, index, configuration_run_id, tags=where)
+    get_run_logger().info("%s: %d folds in %.1f s, val_error %s", label, folds, results[0]["seconds"],
+                          ", ".join(f"{r['val_error']:.4f}" for r in results))
+    return results
+
+
 @task(name="aggregate", cache_policy=NO_CACHE)
 def aggregate(study: steps.Study, fold_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return steps.aggregate(study, fold_results)
@@ -182,7 +195,11 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh
     running: list = []
     try:
         steps.start_study(study)
-        jobs = [(i, f) for i in range(len(study.candidates)) for f in range(cfg.cv.folds)]
+        batched = steps.batch_folds(cfg)
+        if batched:  # one task per configuration, its folds trained as one stacked model
+            jobs = [(i, None) for i in range(len(study.candidates))]
+        else:
+            jobs = [(i, f) for i in range(len(study.candidates)) for f in range(cfg.cv.folds)]
         if cluster is None:
             workers = fold_concurrency(cfg, len(jobs))
             where = f"threads on {dask_runner.worker_tags()['host']}"
@@ -195,25 +212,36 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh
                         "dask.workers": ",".join(names)[:5000]}
         tracker.set_tags(study.run_id, run_tags)
         threads = configure_threads(cfg.train.threads, workers)
-        logger.info("cross-validation: %d configurations x %d folds, %d at once (%s), %d torch thread(s) each",
-                    len(study.candidates), cfg.cv.folds, workers, where,
+        logger.info("cross-validation: %d configurations x %d folds, %d %s at once (%s), %d torch thread(s) each",
+                    len(study.candidates), cfg.cv.folds, workers,
+                    "configurations (folds batched)" if batched else "folds", where,
                     cfg.train.threads or 1 if cluster else threads)
 
         mark = time.perf_counter()
         config_runs = [steps.start_configuration(study, i) for i in range(len(study.candidates))]
-        fold_task = train_fold.with_options(result_storage=results_dir(),
-                                            refresh_cache=fresh or not cfg.cv.resume)
+        store = {"result_storage": results_dir(), "refresh_cache": fresh or not cfg.cv.resume}
+        fold_task = train_fold.with_options(**store)
+        configuration_task = train_configuration.with_options(**store)
         results = []
+
+        def collect(future) -> None:
+            out = future.result()
+            results.extend(out if isinstance(out, list) else [out])
+
         for index, fold_index in jobs:
             if len(running) >= workers:
                 done = next(as_completed(running))
                 running.remove(done)
-                results.append(done.result())
-            running.append(fold_task.submit(Opaque(study), index, fold_index, config_runs[index],
-                                            study.candidates[index].label, fold_index + 1,
-                                            study.fold_key(index, fold_index)))
+                collect(done)
+            label = study.candidates[index].label
+            if fold_index is None:
+                running.append(configuration_task.submit(Opaque(study), index, config_runs[index], label,
+                                                         cfg.cv.folds, study.configuration_key(index)))
+            else:
+                running.append(fold_task.submit(Opaque(study), index, fold_index, config_runs[index], label,
+                                                fold_index + 1, study.fold_key(index, fold_index)))
         while running:
-            results.append(running.pop(0).result())
+            collect(running.pop(0))
         for i, result in enumerate(results):
             if result["configuration_run_id"] != config_runs[result["candidate_index"]]:  # served from the cache
                 results[i] = steps.record_cached_fold(study, result, config_runs[result["candidate_index"]])
@@ -230,6 +258,7 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh
                                  description=f"{cfg.name}: cross-validation leaderboard")
 
         mark = time.perf_counter()
+        configure_threads(cfg.train.threads, 1)  # the retraining runs alone: all cores are its own
         result, final_run = retrain(quote(study), leaderboard)
         timings["retrain_s"] = time.perf_counter() - mark
 

@@ -112,6 +112,8 @@ class CVConfig(_Strict):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     resume: bool = Field(True, description="reuse folds finished by an earlier run of the same study")
     concurrency: int | None = Field(None, gt=0, description="fold tasks trained at once; None: auto (CPU: one per core, CUDA: 4)")
+    batch_folds: bool | Literal["auto"] = Field(
+        "auto", description="train a configuration's folds together as one stacked model; auto: on CUDA only")
     epochs: int | None = Field(None, gt=0, description="epochs of each CV fold (a shorter screening run, with its "
                                                         "own schedule); None: train.epochs, as the final model")
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,10 @@ class Study:
                       "seed": fold_seed(self, fold_index), "md5": self.data.md5, "code": self.code_version,
                       "subset": self.cfg.data.model_dump(include={"train_subset", "subset_seed"})})
 
+    def configuration_key(self, index: int) -> str:
+        """Cache key of a configuration's k folds trained together (cv.batch_folds)."""
+        return _hash({"folds": [self.fold_key(index, f) for f in range(self.cfg.cv.folds)], "batched": True})
+
 
 def study_tags(study: Study, device: str) -> dict[str, Any]:
     tags = {ROLE: "study", "git_commit": git_commit(), "device": device, "preset": study.cfg.name,
@@ -194,6 +199,45 @@ def train_fold(study: Study, index: int, fold_index: int, configuration_run_id: 
             "configuration_run_id": configuration_run_id, "history": result.history,
             "parameters": count_parameters(result.model), "seconds": result.seconds, "ran_on": where,
             **result.final}
+
+
+def train_folds_batched(study: Study, index: int, configuration_run_id: str,
+                        tags: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """All k folds of one configuration trained together as one stacked model (pipeline.batched.fit_folds): on a
+    GPU a configuration's CV costs about one fold's time. Each fold still gets its own run with its own per-epoch
+    metrics, and the same result dict as ``train_fold``."""
+    from pipeline.batched import fit_folds
+
+    study.ensure_data()
+    cand = study.candidates[index]
+    k = study.cfg.cv.folds
+    x, y = study.data.train_images, study.data.train_labels
+    where = {key: str(v) for key, v in (tags or {}).items()}
+    with ExitStack() as runs:
+        run_ids = [runs.enter_context(study.tracker.run(
+            f"fold {f + 1}/{k}", parent_id=configuration_run_id,
+            tags={**_fold_tags(study, index, f), **where, "batched_folds": k},
+            params=_fold_params(study, f))) for f in range(k)]
+        if study.abort.is_set():
+            raise TrainingAborted(f"{cand.label}: not started because the study is stopping")
+        results = fit_folds(cand.model, cand.cv_train, x, y, study.folds,
+                            [fold_seed(study, f) for f in range(k)], desc=f"{cand.label} {k} folds",
+                            should_stop=study.abort.is_set,
+                            callback=lambda f, epoch, m: study.tracker.log_metrics(run_ids[f], m, step=epoch))
+        for run_id, result in zip(run_ids, results):
+            study.tracker.log_metrics(run_id, {"fit_seconds": result.seconds})
+    return [{"candidate_index": index, "fold_index": f, "run_id": run_ids[f],
+             "configuration_run_id": configuration_run_id, "history": r.history,
+             "parameters": count_parameters(r.model), "seconds": r.seconds, "ran_on": where, **r.final}
+            for f, r in enumerate(results)]
+
+
+def batch_folds(cfg: StudyConfig) -> bool:
+    """cv.batch_folds: auto trains a configuration's folds as one stacked model on CUDA, one task per fold on CPU
+    (where stacking gains nothing)."""
+    if cfg.cv.batch_folds == "auto":
+        return resolve_device(cfg.train.device).type == "cuda"
+    return bool(cfg.cv.batch_folds)
 
 
 def _fold_tags(study: Study, index: int, fold_index: int) -> dict[str, Any]:

@@ -177,3 +177,30 @@ def test_diverging_study_fails_cleanly(session_env, tmp_path):
     failed_folds = [r for r in runs if r.data.tags.get("vitflow.role") == "fold" and r.info.status == "FAILED"]
     assert failed_folds and "lower the learning rate" in failed_folds[0].data.tags["error"]
     assert not [r for r in runs if r.data.tags.get("vitflow.role") == "final"]  # nothing was retrained
+
+
+def test_batched_folds_through_the_flow_match_one_task_per_fold(session_env, mlflow_client):
+    """cv.batch_folds=true (what auto does on CUDA) trains each configuration's folds as one stacked model in one task:
+    the same fold runs, with the same per-epoch metrics as the first smoke run's one task per fold."""
+    from .conftest import run_cli
+
+    out = run_cli(["run", "--config", "smoke", "--set", "cv.batch_folds=true", "--set", "export.quantize=false",
+                   "--set", "tracking.experiment=vitflow-smoke-batched",
+                   "--set", "tracking.registered_model=vit-mnist-smoke-batched"], session_env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert "2 configurations (folds batched) at once" in out.stdout + out.stderr
+
+    def fold_metrics(experiment: str) -> dict:
+        exp = mlflow_client.get_experiment_by_name(experiment)
+        study = _runs(mlflow_client, exp.experiment_id, "study")[-1]  # the first study of the experiment
+        folds = _runs(mlflow_client, exp.experiment_id, "fold", f" and tags.study_run_id = '{study.info.run_id}'")
+        return {(f.data.tags["configuration"], f.data.tags["fold_index"]): f for f in folds}
+
+    batched, sequential = fold_metrics("vitflow-smoke-batched"), fold_metrics("vitflow-smoke")
+    assert sorted(batched) == sorted(sequential) and len(batched) == 4
+    for key, run in batched.items():
+        assert run.info.status == "FINISHED" and run.data.tags["batched_folds"] == "2"
+        for metric in ("train_loss", "val_loss", "val_error"):
+            got = [m.value for m in mlflow_client.get_metric_history(run.info.run_id, metric)]
+            want = [m.value for m in mlflow_client.get_metric_history(sequential[key].info.run_id, metric)]
+            assert got == pytest.approx(want, abs=1e-4), (key, metric)

@@ -9,8 +9,9 @@ CUDA, as fit makes it), ``randperm`` indexing, ``to_pixels``, ``cross_entropy``,
 ``backward``, ``step``; nothing else. ``fit`` runs as the study calls it (a ``should_stop`` poll before every
 batch, per-epoch metrics, progress bar off), without evaluation sets. Both start from the host tensors, so both
 pay for building the model and moving the data. Images per second = training images x epochs / wall time (CUDA
-synchronised). The variants alternate within each repeat (the machine may be shared) and the median repeat is
-reported; one untimed warm-up run of each comes first.
+synchronised). The variants alternate within each repeat, first one first then the other (the machine may be
+shared, and the second of a pair ran measurably slower here), and the median repeat is reported; one untimed
+warm-up run of each comes first.
 
 Batched folds (``pipeline.batched.fit_folds``, 3 folds of ``--images`` training images and half as many
 validation images each) are timed against the same 3 folds trained one after another by ``fit`` with their
@@ -90,13 +91,15 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 def interleaved(variants: dict[str, Callable[[], object]], warmups: dict[str, Callable[[], object]],
                 repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per variant over ``repeats`` alternating rounds, after one untimed warm-up of each."""
+    """Median seconds per variant over ``repeats`` rounds, after one untimed warm-up of each. The order within a
+    round alternates (A B, B A, ...): whichever runs second in a round is not always the same variant."""
     for fn in warmups.values():
         timed(fn, device)
     seconds: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            seconds[name].append(timed(fn, device))
+    for round_index in range(repeats):
+        names = list(variants) if round_index % 2 == 0 else list(reversed(variants))
+        for name in names:
+            seconds[name].append(timed(variants[name], device))
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 

@@ -8,6 +8,8 @@ from pipeline.config import AugmentConfig, ModelConfig, TrainConfig
 from pipeline.data import stratified_folds
 from pipeline.train import TrainingAborted, TrainingDiverged, fit, predict_logits
 
+# CPU attention has no vmap rule (PyTorch runs it once per fold and says so); pipeline.batched expects that.
+pytestmark = pytest.mark.filterwarnings("ignore:.*not yet implemented the batching rule for aten:UserWarning")
 SEEDS = [1000, 2000, 3000]
 MODEL = ModelConfig(depth=2, mlp_hidden=16, pos_base=100)
 

@@ -4,7 +4,8 @@ Each fold's ViT is built as ``pipeline.train.fit`` builds it (``build_model(cfg,
 are laid side by side in one ``(k, P)`` tensor, and one training step advances all k: the folds' batches are stacked
 into ``(k, batch, 1, 28, 28)`` and the forward pass is ``torch.func.vmap(functional_call)`` over the fold axis. On
 a GPU, where the seed model's steps are bound by kernel launches, this makes k small steps one step of k times the
-work. On CPU it gains nothing (and the attention kernel has no vmap rule there, so it runs once per fold).
+work. On CPU it gains nothing: about as fast as sequential folds for the seed model, slower for wider models (the
+attention kernel has no vmap rule there and runs once per fold; figures in bench/README.md).
 
 Every fold sees what ``fit`` would show it, so on CPU the batched folds reproduce sequential ``fit`` calls to float
 rounding (tests/test_batched.py):
@@ -18,7 +19,9 @@ rounding (tests/test_batched.py):
 - Adam/AdamW written out over the ``(k, P)`` tensor, with the formulas of ``torch.optim.Adam``'s single-tensor path
   and per-fold step counts, learning rates (``pipeline.train.lr_factor`` on the fold's own step count) and bias
   corrections. ``torch.optim.Adam`` keeps one step count per tensor, so it cannot let one fold skip a step;
-- gradient clipping by each fold's own global norm; label smoothing; bf16 autocast on CUDA.
+- gradient clipping by each fold's own global norm; label smoothing; bf16 autocast on CUDA;
+- validation through each fold's own ViT, whose parameters are views of its row of the stacked weights (no copy),
+  with fit's ``evaluate`` in batches of ``eval_batch_size``: the same numbers fit reports.
 
 ``train.compile`` is not applied here: the stacked step runs eager. Dropout draws differ from ``fit``'s (fit's
 dropout is not seeded either).

@@ -45,18 +45,24 @@ def _launch(args: list[str], log: Path, **kwargs) -> subprocess.Popen:
                                 start_new_session=True, **kwargs)
 
 
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+def _stop(*procs: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+    """``sig`` to each process group at once, then SIGKILL to any group still there after ``timeout``."""
     for s in (sig, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, s)
-        except ProcessLookupError:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, s)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + timeout
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+        if all(proc.poll() is not None for proc in procs):
             break
-        try:
-            proc.wait(timeout=timeout)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    proc.wait(timeout=10)
+    for proc in procs:
+        proc.wait(timeout=10)
 
 
 def _alive(proc: subprocess.Popen) -> bool:
@@ -131,7 +137,7 @@ def postgres(tmp_path_factory):
         _wait_until(create_db, proc, log, "postgres", seconds=60)
         yield {"uri": f"postgresql+psycopg://vitflow@127.0.0.1:{port}/mlflow", "port": port}
     finally:
-        _stop(proc, signal.SIGINT)  # PostgreSQL's fast shutdown
+        _stop(proc, sig=signal.SIGINT)  # PostgreSQL's fast shutdown
         assert not _alive(proc)
         shutil.rmtree(base, ignore_errors=True)
 
@@ -184,8 +190,7 @@ def dask_processes(tmp_path_factory, session_env):
     try:
         yield {"address": address, "port": port, "procs": procs, "logs": base}
     finally:
-        for name in (*WORKERS, "scheduler"):
-            _stop(procs[name])
+        _stop(*procs.values())
         assert not [name for name, proc in procs.items() if _alive(proc)], "a Dask process outlived the test"
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -131,6 +132,14 @@ def resolve_model(model: str | os.PathLike, download_dir: str | os.PathLike,
 CPU_CHUNK = 64  # images per ONNX Runtime call on CPU: a chunk's attention scores stay in the core's cache
 
 
+def batch_dependent(path: str | os.PathLike) -> bool:
+    """Whether the model's output for an image depends on the rest of its batch: dynamic quantization
+    (DynamicQuantizeLinear, as onnxruntime.quantization.quantize_dynamic writes) takes its activation scale from
+    the whole input tensor."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(node.op_type.startswith("DynamicQuantize") for node in graph.node)
+
+
 class OnnxClassifier:
     """Digit classifier over an ONNX model: float pixels in [0, 1], (N, 1, 28, 28) -> logits / probabilities.
 
@@ -141,6 +150,7 @@ class OnnxClassifier:
     On CPU a large batch is cut into chunks of ``cpu_chunk`` images, run ``threads`` at a time (default: one per
     core) in one-thread ONNX Runtime calls. A tiny ViT's 1024-image call is bound by memory traffic (its attention
     scores alone are ~20 MB per block); cache-sized chunks on every core are ~1.5x faster (bench/inference.py).
+    A dynamically quantized (int8) model is always run on whole batches: its activation scale is per call.
     """
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", threads: int | None = None,
@@ -164,6 +174,8 @@ class OnnxClassifier:
         self.output_name = self.session.get_outputs()[0].name
         self.io_binding = self.provider == CUDA if io_binding is None else io_binding
         self._pool: ThreadPoolExecutor | None = None
+        # Chunks across cores on CPU, unless chunking would change the answers (dynamic quantization).
+        self.chunked = self.provider == CPU and not batch_dependent(self.source.path)
 
     @property
     def provider(self) -> str:
@@ -196,7 +208,7 @@ class OnnxClassifier:
 
     def logits(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        run = self._run_parallel if self.provider == CPU else self._run
+        run = self._run_parallel if self.chunked else self._run
         outs = [run(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
         return np.concatenate(outs) if outs else np.empty((0, 10), np.float32)
 

@@ -56,3 +56,17 @@ def test_chunked_cpu_classifier_gives_the_one_call_logits(mnist, tmp_path, threa
         assert got.shape == (n, 10)
         np.testing.assert_allclose(got, one_call[:n], atol=1e-5)
     clf.close()
+
+
+def test_dynamically_quantized_models_run_whole_batches(mnist, tmp_path):
+    """int8 dynamic quantization scales activations per call: chunking would change the logits, so it is off."""
+    from pipeline.quantize import quantize_int8
+
+    model = build_model(seed_model_config(), seed=0).eval()
+    exported = tmp_path / "vit.onnx"
+    export_onnx(model, exported, to_pixels(mnist.test_images[:64]))
+    int8 = quantize_int8(exported)
+    assert OnnxClassifier(exported, device="cpu").chunked and not OnnxClassifier(int8, device="cpu").chunked
+    pixels = to_pixels(mnist.test_images[:200]).numpy()
+    whole = OnnxClassifier(int8, device="cpu", cpu_chunk=10_000, threads=1).logits(pixels)
+    np.testing.assert_array_equal(OnnxClassifier(int8, device="cpu", threads=2, cpu_chunk=16).logits(pixels), whole)

@@ -170,12 +170,13 @@ class OnnxClassifier:
             self.source = resolve_model(model, download_dir, tracking_uri)
             # The session holds the model in memory: the downloaded copy can go when it is built.
             self.session = ort.InferenceSession(str(self.source.path), sess_options=options, providers=providers)
+            dynamic_quantized = batch_dependent(self.source.path)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.io_binding = self.provider == CUDA if io_binding is None else io_binding
         self._pool: ThreadPoolExecutor | None = None
         # Chunks across cores on CPU, unless chunking would change the answers (dynamic quantization).
-        self.chunked = self.provider == CPU and not batch_dependent(self.source.path)
+        self.chunked = self.provider == CPU and not dynamic_quantized
 
     @property
     def provider(self) -> str:

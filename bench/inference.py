@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,21 +33,12 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
+from bench.machine import cpu_name  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.export import export_onnx  # noqa: E402
 from pipeline.inference import CPU_CHUNK, OnnxClassifier  # noqa: E402
 from pipeline.model import build_model, count_parameters  # noqa: E402
 from pipeline.ort_optimize import optimize_for_onnxruntime  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def ort_session(path: Path, threads: int) -> ort.InferenceSession:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.machine import cpu_name  # noqa: E402
 from pipeline.batched import fit_folds  # noqa: E402
 from pipeline.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from pipeline.data import load, stratified_folds  # noqa: E402
@@ -49,16 +49,6 @@ MODELS = {  # name: (label, configuration)
                ModelConfig(dim=64, heads=4, depth=4, mlp_hidden=128, pos_base=100)),
 }
 SEED = 0
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def bare_loop(model_cfg: ModelConfig, train_cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor,

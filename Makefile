@@ -64,8 +64,9 @@ clean:
 figures: install
 	$(BIN)/python scripts/readme_figures.py
 
-# Wheels for bench/gpu_check.sh (GPU machine: Python 3.12 and torch, no registry) in .whl/ (git-ignored): the
-# runtime dependencies less torch/torchvision and what that image already has (see bench/wheelhouse.py).
+# What bench/gpu_check.sh needs on the GPU machine (Python 3.12 and torch, no registry), git-ignored: .whl/, the
+# runtime dependencies less torch/torchvision and what that image already has (see bench/wheelhouse.py), and
+# .mnist/, the four MNIST files xz-packed from the data root.
 .PHONY: wheelhouse
 wheelhouse: install
 	$(BIN)/python bench/wheelhouse.py --dest .whl

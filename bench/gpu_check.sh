@@ -1,14 +1,38 @@
 #!/usr/bin/env bash
 # One-shot check on a machine with one NVIDIA GPU, Python 3.12, torch preinstalled and no package registry.
+#
+#   bench/gpu_check.sh [seed] [throughput] [strong]      # the stages to run, in this order; default: all three
+#
 # Expects (carried beside the checkout, git-ignored): .whl/ from `make wheelhouse` (the wheels the study needs that
-# the machine's image lacks) and .mnist/ with the four MNIST files xz-compressed. Runs the seed study fresh, then
-# resumed; bench/train_throughput.py on CUDA; the strong preset when configs/strong.yaml exists. About 12 minutes
-# at most; prints one table at the end, logs go to $OUT.
+# the machine's image lacks) and .mnist/ with the four MNIST files xz-compressed (`make wheelhouse` writes both).
+# Stages:
+#   seed        the seed study through the flow, fresh, then again resumed (every fold from the result store)
+#   throughput  bench/train_throughput.py on CUDA: fit vs a bare loop, 3 batched folds vs 3 sequential ones
+#   strong      the strong preset (configs/strong.yaml) through the flow
+# seed + throughput take about 4-5 minutes and strong about 5-6, so with a 10-minute limit per device call run
+# them as two calls on the same warm machine: `bench/gpu_check.sh seed throughput`, then `bench/gpu_check.sh
+# strong`. The wheels go to /tmp/site once per machine. Logs and table.txt go to $OUT; the table is printed last.
+#
+# GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU at toy sizes (smoke preset, a 1-epoch strong preset on a
+# subset): a rehearsal of the script itself, e.g. in a Python 3.12 environment that mirrors the GPU machine's
+# image, so that the device time goes to the measurements. PYTHON picks the interpreter (default python3).
 set -uo pipefail
+cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu-check}"; mkdir -p "$OUT"
+PYTHON="${PYTHON:-python3}"
+DRY="${GPU_CHECK_DRY_RUN:-0}"
+STAGES=("$@"); [ ${#STAGES[@]} -eq 0 ] && STAGES=(seed throughput strong)
+for stage in "${STAGES[@]}"; do
+  case "$stage" in seed|throughput|strong) ;; *) echo "unknown stage '$stage': use seed, throughput, strong" >&2; exit 2;; esac
+done
 export PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
+
 # Only the wheels whose distribution the machine lacks: its own numpy, scipy, onnx, pytest... stay as they are.
-python3 - > "$OUT/wheels.txt" <<'EOF'
+# Byte-compiled at install, so that the first study does not pay for it.
+# A warm machine that ran this before keeps /tmp/site; the marker names the wheel set that was installed.
+SITE=/tmp/site
+if ! cmp -s <(ls .whl) "$SITE/.vitflow-wheels" 2>/dev/null; then
+  "$PYTHON" - > "$OUT/wheels.txt" <<'EOF'
 import importlib.metadata as metadata
 from pathlib import Path
 
@@ -21,37 +45,62 @@ for wheel in sorted(Path(".whl").glob("*.whl")):
     except metadata.PackageNotFoundError:
         print(wheel)
 EOF
-grep -v '^#' "$OUT/wheels.txt" | xargs -r python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-  --upgrade --target /tmp/site > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
-export PYTHONPATH="/tmp/site:$PWD"
-mkdir -p /tmp/data/MNIST/raw
-for f in .mnist/*.xz; do xz -dc "$f" > "/tmp/data/MNIST/raw/$(basename "$f" .xz)"; done
-export VITFLOW_DATA_DIR=/tmp/data PREFECT_HOME=/tmp/prefect-home
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, prefect, mlflow, onnxruntime as o; print('torch', torch.__version__, 'prefect', prefect.__version__, 'mlflow', mlflow.__version__, 'ort', o.__version__, o.get_available_providers())"
+  grep -v '^#' "$OUT/wheels.txt" | xargs -r "$PYTHON" -m pip install -q --no-index --no-deps \
+    --no-cache-dir --upgrade --target "$SITE" > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+  ls .whl > "$SITE/.vitflow-wheels"
+fi
+export PYTHONPATH="$SITE:$PWD"
+DATA=/tmp/vitflow-data
+if [ ! -s "$DATA/MNIST/raw/t10k-labels-idx1-ubyte" ]; then
+  mkdir -p "$DATA/MNIST/raw"
+  for f in .mnist/*.xz; do xz -dc "$f" > "$DATA/MNIST/raw/$(basename "$f" .xz)"; done
+fi
+export VITFLOW_DATA_DIR="$DATA" PREFECT_HOME=/tmp/prefect-home VITFLOW_RESULTS_DIR=/tmp/vitflow-results
 
-seconds_since() { python3 -c "import time; print(f'{time.time() - $1:.1f}')"; }
-run_study() {  # label, extra args...
-  local label=$1; shift
-  local start=$(date +%s.%N)
-  MLFLOW_TRACKING_URI="sqlite:////tmp/mlflow-$label.db" timeout 420 python3 -m flows.cli run "$@" > "$OUT/$label.log" 2>&1
+if [ "$DRY" = 1 ]; then
+  DEVICE=cpu; SEED_CONFIG=smoke; THROUGHPUT_ARGS=(--images 2000 --repeats 1)
+  STRONG_SET=(--set train.epochs=1 --set cv.epochs=1 --set data.train_subset=3000 --set data.test_subset=1000
+              --set train.compile=off --set train.batch_size=128)
+  echo "dry run on the CPU ($(nproc) cores)" > "$OUT/gpu.txt"
+else
+  DEVICE=cuda; SEED_CONFIG=seed; THROUGHPUT_ARGS=(--images 20000 --repeats 3); STRONG_SET=()
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt"
+fi
+"$PYTHON" -c "import sys, torch, prefect, mlflow, onnx, onnxruntime as o; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'prefect', prefect.__version__, 'mlflow', mlflow.__version__, 'onnx', onnx.__version__, 'ort', o.__version__, o.get_available_providers())" | tee "$OUT/versions.txt"
+[ "$DEVICE" = cuda ] && ! "$PYTHON" -c "import torch; assert torch.cuda.is_available()" && {
+  echo "torch sees no CUDA device: not a GPU check (GPU_CHECK_DRY_RUN=1 rehearses on the CPU)"; exit 1; }
+
+seconds_since() { "$PYTHON" -c "import time; print(f'{time.time() - $1:.1f}')"; }
+run_study() {  # label, timeout, extra args...
+  local label=$1 limit=$2; shift 2
+  local start
+  start=$(date +%s.%N)
+  MLFLOW_TRACKING_URI="sqlite:////tmp/mlflow-$label.db" timeout "$limit" "$PYTHON" -m flows.cli run "$@" \
+    > "$OUT/$label.log" 2>&1
   local rc=$?
-  local acc=$(grep -o 'Test accuracy (ONNX Runtime, [A-Za-z]*): [0-9.]*%' "$OUT/$label.log" | tail -1)
-  local timing=$(grep -o 'Wall time: .*' "$OUT/$label.log" | tail -1)
+  local acc timing
+  acc=$(grep -o 'Test accuracy (ONNX Runtime, [A-Za-z]*): [0-9.]*%' "$OUT/$label.log" | tail -1)
+  timing=$(grep -o 'Wall time: .*' "$OUT/$label.log" | tail -1)
   echo "$label | rc=$rc | process wall $(seconds_since "$start")s | $acc | $timing" >> "$OUT/table.txt"
   tail -18 "$OUT/$label.log"
 }
 : > "$OUT/table.txt"
-export VITFLOW_RESULTS_DIR=/tmp/results
-run_study seed-fresh --config seed --fresh
-run_study seed-resumed --config seed     # same study again: every fold comes from the result store
+for stage in "${STAGES[@]}"; do
+  case "$stage" in
+    seed)
+      run_study seed-fresh 200 --config "$SEED_CONFIG" --fresh
+      run_study seed-resumed 120 --config "$SEED_CONFIG" ;;  # same study again: every fold from the result store
+    throughput)
+      start=$(date +%s.%N)  # fit vs a bare loop, and 3 batched folds vs 3 sequential ones (stdout: the tables)
+      timeout 200 "$PYTHON" bench/train_throughput.py --device "$DEVICE" "${THROUGHPUT_ARGS[@]}" \
+        > "$OUT/throughput.md" 2> "$OUT/throughput.log"
+      echo "train-throughput | rc=$? | process wall $(seconds_since "$start")s" >> "$OUT/table.txt"
+      tail -5 "$OUT/throughput.log" ;;
+    strong)
+      run_study strong 540 --config strong --fresh "${STRONG_SET[@]}" ;;
+  esac
+done
 
-start=$(date +%s.%N)  # fit vs a bare loop, and 3 batched folds vs 3 sequential ones (stdout: the tables)
-timeout 300 python3 bench/train_throughput.py --device cuda --images 20000 --repeats 3 \
-  > "$OUT/throughput.md" 2> "$OUT/throughput.log"
-echo "train-throughput | rc=$? | process wall $(seconds_since "$start")s" >> "$OUT/table.txt"
-tail -5 "$OUT/throughput.log"
-
-if [ -f configs/strong.yaml ]; then run_study strong --config strong --fresh; fi
-
-echo; echo "=== GPU check ($(cat "$OUT/gpu.txt")) ==="; cat "$OUT/table.txt"; echo; cat "$OUT/throughput.md"
+echo; echo "=== GPU check: ${STAGES[*]} ($(cat "$OUT/gpu.txt")) ==="; cat "$OUT/versions.txt"; cat "$OUT/table.txt"
+[ -s "$OUT/throughput.md" ] && { echo; cat "$OUT/throughput.md"; }
+exit 0

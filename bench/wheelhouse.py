@@ -1,6 +1,6 @@
 """Wheels for bench/gpu_check.sh: the GPU machine has Python 3.12, torch and many packages, but no package registry.
 
-    .venv/bin/python bench/wheelhouse.py              # -> .whl/ (what `make wheelhouse` runs)
+    .venv/bin/python bench/wheelhouse.py              # -> .whl/ and .mnist/ (what `make wheelhouse` runs)
     .venv/bin/python bench/wheelhouse.py --complete   # every runtime dependency: for a bare Python 3.12 + torch
 
 The requirements are pyproject.toml's runtime dependencies less torch and torchvision (preinstalled there, with
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import re
 import subprocess
 import sys
@@ -80,11 +81,32 @@ def resolve(reqs: list[str]) -> dict[str, str]:
     return {canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"] for item in install}
 
 
+def pack_mnist(dest: Path) -> None:
+    """The four raw MNIST files, verified, as ``dest/<name>.xz`` (kept when already there and complete)."""
+    sys.path.insert(0, str(ROOT))
+    from pipeline.config import DataConfig
+    from pipeline.data import RAW_MD5, acquire, raw_dir
+
+    root, _ = acquire(DataConfig())
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in RAW_MD5:
+        target = dest / f"{name}.xz"
+        if target.is_file():
+            continue
+        partial = target.with_suffix(".xz.partial")  # never leave a truncated archive under the final name
+        with lzma.open(partial, "wb", preset=9 | lzma.PRESET_EXTREME) as out:  # smallest: it travels
+            out.write((raw_dir(root) / name).read_bytes())
+        partial.replace(target)
+    print(f"{dest}: MNIST from {root}, {megabytes(list(dest.glob('*.xz'))):.1f} MiB")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dest", type=Path, default=ROOT / ".whl")
     parser.add_argument("--complete", action="store_true", help="also the distributions the GPU image has")
+    parser.add_argument("--mnist", type=Path, default=ROOT / ".mnist", help="where the xz-packed MNIST files go")
     args = parser.parse_args(argv)
+    pack_mnist(args.mnist)
 
     if args.complete:
         closure = wanted = resolve(requirements(NOT_CARRIED))

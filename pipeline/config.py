@@ -63,13 +63,17 @@ class ModelConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
-    """Random affine augmentation of each training batch on the training device (no per-sample DataLoader).
-    Pixels outside the source image are background (0)."""
+    """Random affine and elastic augmentation of each training batch on the training device (no per-sample
+    DataLoader), one resampling per batch. Pixels outside the source image are background (0)."""
 
     rotation: float = Field(0.0, ge=0, le=180, description="degrees; angle drawn uniformly from [-rotation, rotation]")
     translate: float = Field(0.0, ge=0, le=0.5, description="shift as a fraction of the image side, per axis")
     scale: tuple[float, float] = Field((1.0, 1.0), description="zoom factor drawn uniformly from [low, high]")
     shear: float = Field(0.0, ge=0, le=45, description="degrees; x-shear angle drawn from [-shear, shear]")
+    elastic_alpha: float = Field(0.0, ge=0, le=100, description="elastic distortion (Simard et al. 2003): scale of "
+                                 "the smoothed random displacement field, in pixels; 0 turns it off")
+    elastic_sigma: float = Field(4.0, gt=0, le=10, description="elastic distortion: std of the Gaussian that smooths "
+                                 "the displacement field, in pixels (larger: smoother, smaller displacements)")
     erasing: float = Field(0.0, ge=0, le=1, description="probability of blanking one random rectangle per image")
 
     @field_validator("scale")
@@ -82,7 +86,12 @@ class AugmentConfig(_Strict):
 
     @property
     def active(self) -> bool:
-        return bool(self.rotation or self.translate or self.scale != (1.0, 1.0) or self.shear or self.erasing)
+        return self.resamples or bool(self.erasing)
+
+    @property
+    def resamples(self) -> bool:
+        """Whether each image is resampled through a random affine and/or elastic sampling grid."""
+        return bool(self.rotation or self.translate or self.scale != (1.0, 1.0) or self.shear or self.elastic_alpha)
 
 
 class TrainConfig(_Strict):
@@ -104,6 +113,12 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on CUDA (CPU stays fp32)")
     compile: Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "off", description="torch.compile mode for the training step's model; off: eager")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_switch(cls, value: Any) -> Any:
+        """YAML reads a bare ``off``/``on`` (and ``false``/``true``) as a boolean: take them as "off"/"default"."""
+        return {False: "off", True: "default"}.get(value, value) if isinstance(value, bool) else value
 
 
 class CVConfig(_Strict):

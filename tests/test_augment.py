@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.augment import augment, random_affine, random_erasing
+from pipeline.augment import augment, elastic_displacement, random_affine, random_erasing
 from pipeline.config import AugmentConfig, ConfigError, ModelConfig, TrainConfig, load_config
 from pipeline.train import fit, lr_factor, to_pixels
 
@@ -66,11 +66,47 @@ def test_erasing_blanks_one_rectangle_in_about_the_given_share_of_images(digits)
     assert (erased[hit] >= 1).all() and (erased[hit] <= 0.15 * 784 * 1.3).all()
 
 
+def test_elastic_field_is_smooth_zero_mean_and_about_alpha_sized():
+    field = elastic_displacement(torch.Size([512, 1, 28, 28]), 34, 4, torch.Generator().manual_seed(0),
+                                 torch.device("cpu")) * 14  # grid units -> pixels
+    assert field.shape == (512, 28, 28, 2)
+    assert abs(field.mean().item()) < 0.05 and 0.8 < field.abs().mean().item() < 2.0
+    # neighbouring pixels move together (a smoothed field), unlike the raw uniform noise it comes from
+    right, down = field[:, :, 1:] - field[:, :, :-1], field[:, 1:] - field[:, :-1]
+    assert right.abs().mean() < 0.2 * field.abs().mean() and down.abs().mean() < 0.2 * field.abs().mean()
+    smoother = elastic_displacement(torch.Size([512, 1, 28, 28]), 34, 8, torch.Generator().manual_seed(0),
+                                    torch.device("cpu")) * 14
+    assert smoother.abs().mean() < field.abs().mean()  # a wider Gaussian averages more noise away
+
+
+def test_elastic_distortion_bends_strokes_but_keeps_the_digit(digits):
+    x, _ = digits
+    cfg = AugmentConfig(elastic_alpha=34, elastic_sigma=4)
+    assert cfg.active and cfg.resamples
+    out = augment(x, cfg, torch.Generator().manual_seed(0))
+    assert torch.equal(out, augment(x, cfg, torch.Generator().manual_seed(0)))
+    changed = (out - x).abs().flatten(1).mean(1)
+    assert (changed > 0.01).all()  # every image distorted
+    moved = (_centre_of_mass(out) - _centre_of_mass(x)).abs()
+    assert moved.mean() < 1.5 and moved.max() < 4  # a local warp with some drift, not a large shift
+    kept = out.sum((1, 2, 3)) / x.sum((1, 2, 3))
+    assert 0.9 < kept.mean() < 1.1
+    # composed with the affine transform in one resampling: the affine draws come first and are unchanged
+    affine = AugmentConfig(rotation=10, translate=0.1)
+    both = affine.model_copy(update={"elastic_alpha": 34.0})
+    a = random_affine(x, affine, torch.Generator().manual_seed(5))
+    b = random_affine(x, both, torch.Generator().manual_seed(5))
+    assert not torch.allclose(a, b, atol=0.05)
+    assert (_centre_of_mass(a) - _centre_of_mass(b)).abs().mean() < 1.0
+
+
 def test_bad_augmentation_settings_are_refused():
     with pytest.raises(ConfigError, match=r"train.augment.scale=\[1.2, 0.9\]"):
         load_config("seed", ["train.augment.scale=[1.2, 0.9]"])
     with pytest.raises(ConfigError, match="train.augment.rotation"):
         load_config("seed", ["train.augment.rotation=-5"])
+    with pytest.raises(ConfigError, match="train.augment.elastic_sigma"):
+        load_config("seed", ["train.augment.elastic_sigma=0"])
 
 
 def test_warmup_then_cosine_to_the_floor():

@@ -96,3 +96,15 @@ def test_accuracy_presets_stay_within_their_parameter_budget(preset):
     sizes = [count_parameters(build_model(c.model)) for c in cfg.candidates()]
     assert max(sizes) <= 1_100_000 and len(sizes) >= 2
     assert cfg.train.augment.active and cfg.train.schedule == "cosine"
+
+
+def test_yaml_off_and_on_are_compile_modes(tmp_path):
+    # YAML 1.1 reads a bare `off` as false: `compile: off` in a file or `--set train.compile=off` must still work
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"name": "x"}) + "train:\n  compile: off\n")
+    assert load_config(path).train.compile == "off"
+    assert load_config("strong", ["train.compile=off"]).train.compile == "off"
+    assert load_config("seed", ["train.compile=on"]).train.compile == "default"
+    assert load_config("seed", ["train.compile=max-autotune"]).train.compile == "max-autotune"
+    with pytest.raises(ConfigError, match="train.compile"):
+        load_config("seed", ["train.compile=fast"])

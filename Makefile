@@ -70,3 +70,8 @@ figures: install
 .PHONY: wheelhouse
 wheelhouse: install
 	$(BIN)/python bench/wheelhouse.py --dest .whl
+
+# bench/gpu_check.sh on this CPU at toy sizes, in a Python 3.12 environment like the GPU image (PYTHON312=...).
+.PHONY: gpu-rehearsal
+gpu-rehearsal: install
+	bench/gpu_rehearsal.sh

@@ -47,6 +47,9 @@ packaging pandas pathspec pillow pluggy iniconfig prometheus-client propcache pr
 pyparsing pytest python-dateutil pyyaml regex requests rich scikit-learn scipy shellingham six sortedcontainers
 sympy threadpoolctl toolz tqdm typer typing-extensions urllib3 werkzeug yarl zipp
 """.split())
+# Versions on that image as a session saw them (device notes, 2026-11): bench/gpu_rehearsal.sh mirrors them.
+GPU_IMAGE_PINNED = {"torch": "2.11.0", "torchvision": "0.26.0", "numpy": "2.5.2", "onnx": "1.23.1",
+                    "onnxruntime": "1.30.0", "onnxscript": "0.7.2", "onnx-ir": "1.0.0"}
 TARGET = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp"] + [
     arg for platform in ["manylinux1_x86_64", "manylinux2010_x86_64", "manylinux2014_x86_64"]
     + [f"manylinux_2_{n}_x86_64" for n in (5, 12, 17, 24, 26, 27, 28, 31, 34, 35)]
@@ -105,7 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dest", type=Path, default=ROOT / ".whl")
     parser.add_argument("--complete", action="store_true", help="also the distributions the GPU image has")
     parser.add_argument("--mnist", type=Path, default=ROOT / ".mnist", help="where the xz-packed MNIST files go")
+    parser.add_argument("--image-requirements", action="store_true",
+                        help="only print the GPU image's packages as requirements (for bench/gpu_rehearsal.sh)")
     args = parser.parse_args(argv)
+    if args.image_requirements:
+        print("\n".join(f"{name}=={GPU_IMAGE_PINNED[name]}" if name in GPU_IMAGE_PINNED else name
+                        for name in sorted(GPU_IMAGE_HAS | set(GPU_IMAGE_PINNED))))
+        return 0
     pack_mnist(args.mnist)
 
     if args.complete:

@@ -7,6 +7,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -56,6 +57,24 @@ def format_summary(s: dict[str, Any]) -> str:
     ])
 
 
+def start_prefect_api_early() -> threading.Thread | None:
+    """With no PREFECT_API_URL, Prefect boots a temporary API server (a subprocess: several seconds) when the flow
+    is first called. Boot it now in a thread instead, so that it starts while torch, MLflow and the flow are
+    imported; join the thread before calling the flow. The flow then finds it running (Prefect keeps one such
+    server per process). If this early start fails, the thread's error is printed and the flow starts the server
+    itself as usual. None when an API URL is set (a real server: nothing to start)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    # imported here, not in the thread: concurrent imports of one package from two threads can deadlock
+    from prefect.server.api.server import SubprocessASGIServer
+
+    thread = threading.Thread(target=SubprocessASGIServer().start, name="prefect-api-boot", daemon=True)
+    thread.start()
+    return thread
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.set)  # validate before Prefect or any data work starts
@@ -67,11 +86,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"vitflow: {exc}", file=sys.stderr)
         return 2
+    booting = start_prefect_api_early()
     from flows.vit_pipeline import vit_pipeline  # torch, Prefect, MLflow: only once the config is known good
     from pipeline.data import DataError
 
     signal.signal(signal.SIGTERM, _sigterm)
     try:
+        if booting is not None:
+            booting.join()
         summary = vit_pipeline(config=args.config, overrides=args.set, fresh=args.fresh, runner=args.runner,
                                dask_address=args.dask_address)
     except (DataError, ConfigError) as exc:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.augment import augment, elastic_displacement, random_affine, random_erasing
+from pipeline.augment import augment, elastic_displacement, gaussian_smooth, random_affine, random_erasing
 from pipeline.config import AugmentConfig, ConfigError, ModelConfig, TrainConfig, load_config
 from pipeline.train import fit, lr_factor, to_pixels
 
@@ -77,6 +77,15 @@ def test_elastic_field_is_smooth_zero_mean_and_about_alpha_sized():
     smoother = elastic_displacement(torch.Size([512, 1, 28, 28]), 34, 8, torch.Generator().manual_seed(0),
                                     torch.device("cpu")) * 14
     assert smoother.abs().mean() < field.abs().mean()  # a wider Gaussian averages more noise away
+
+
+@pytest.mark.parametrize("sigma", [1.0, 4.0, 5.0])
+def test_separable_smoothing_equals_torchvisions_gaussian_blur(sigma):
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    x = torch.rand(8, 2, 28, 28, generator=torch.Generator().manual_seed(0))
+    k = 2 * min(math.ceil(3 * sigma), 13) + 1
+    assert torch.allclose(gaussian_smooth(x, sigma), gaussian_blur(x, [k, k], [sigma, sigma]), atol=1e-6)
 
 
 def test_elastic_distortion_bends_strokes_but_keeps_the_digit(digits):

@@ -202,6 +202,14 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh
             jobs = [(i, f) for i in range(len(study.candidates)) for f in range(cfg.cv.folds)]
         if cluster is None:
             workers = fold_concurrency(cfg, len(jobs))
+            if workers > 1 and cfg.train.compile != "off" and not batched:
+                # torch.compile is not thread-safe: two fold tasks compiling in one process fail ("FX to
+                # symbolically trace a dynamo-optimized function"). One at a time, with all the cores; the
+                # compiled code is reused by every later fold of the same architecture.
+                logger.warning("train.compile=%s: fold tasks run one at a time (torch.compile is not thread-safe); "
+                               "for concurrent compiled folds use --runner dask (one process per worker)",
+                               cfg.train.compile)
+                workers = 1
             where = f"threads on {dask_runner.worker_tags()['host']}"
             run_tags = {"runner": "local"}
         else:  # as many folds in flight as the cluster has worker threads; Dask places them

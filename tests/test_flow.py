@@ -204,3 +204,29 @@ def test_batched_folds_through_the_flow_match_one_task_per_fold(session_env, mlf
             got = [m.value for m in mlflow_client.get_metric_history(run.info.run_id, metric)]
             want = [m.value for m in mlflow_client.get_metric_history(sequential[key].info.run_id, metric)]
             assert got == pytest.approx(want, abs=1e-4), (key, metric)
+
+
+def test_compiled_training_through_the_flow_matches_eager(session_env, mlflow_client):
+    """train.compile with fold tasks in threads: torch.compile is not thread-safe, so the folds run one at a time
+    (two compiling at once failed); the compiled folds' metrics equal the first (eager) smoke run's."""
+    from .conftest import run_cli
+
+    out = run_cli(["run", "--config", "smoke", "--set", "train.compile=default", "--set", "export.quantize=false",
+                   "--set", "tracking.experiment=vitflow-smoke-compiled",
+                   "--set", "tracking.registered_model=vit-mnist-smoke-compiled"], session_env)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert "fold tasks run one at a time (torch.compile is not thread-safe)" in log
+    assert "1 folds at once" in log
+
+    def fold_metrics(experiment: str) -> dict:
+        exp = mlflow_client.get_experiment_by_name(experiment)
+        study = _runs(mlflow_client, exp.experiment_id, "study")[-1]
+        folds = _runs(mlflow_client, exp.experiment_id, "fold", f" and tags.study_run_id = '{study.info.run_id}'")
+        return {(f.data.tags["configuration"], f.data.tags["fold_index"]): f.data.metrics for f in folds}
+
+    compiled, eager = fold_metrics("vitflow-smoke-compiled"), fold_metrics("vitflow-smoke")
+    assert sorted(compiled) == sorted(eager) and len(compiled) == 4
+    for key, metrics in compiled.items():
+        assert metrics["val_error"] == pytest.approx(eager[key]["val_error"], abs=0.01), key
+        assert metrics["train_loss"] == pytest.approx(eager[key]["train_loss"], rel=1e-3), key

@@ -371,6 +371,18 @@ def evaluate(study: Study, onnx_path: Path, run_id: str) -> dict[str, Any]:
     return {k: v for k, v in report.items() if k not in ("predictions", "probabilities")}
 
 
+def model_requirements() -> list[str]:
+    """What loading a logged model through MLflow's pyfunc needs, stated rather than inferred: MLflow's inference
+    loads the model in a subprocess to see what it imports, ~2.7 s per logged model on 2 cores, to find the same
+    four distributions (onnxruntime-gpu, where installed, is a deployment's choice, not a requirement)."""
+    import mlflow
+    import mlflow.onnx
+    import numpy
+
+    return [f"mlflow=={mlflow.__version__}", f"numpy=={numpy.__version__}",
+            *mlflow.onnx.get_default_pip_requirements()]
+
+
 def register(study: Study, onnx_path: Path, run_id: str, report: dict[str, Any]) -> dict[str, Any]:
     """Log the ONNX model into the final run, register a new version, and move the aliases."""
     import mlflow
@@ -383,7 +395,8 @@ def register(study: Study, onnx_path: Path, run_id: str, report: dict[str, Any])
     with mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name=name,
                                      signature=signature, input_example=sample[:2], save_as_external_data=False,
-                                     onnx_execution_providers=preferred_providers())
+                                     onnx_execution_providers=preferred_providers(),
+                                     pip_requirements=model_requirements())
     study.tracker.end_run(run_id)  # start_run's exit finished it; keep the tracker's bookkeeping in step
     version = str(info.registered_model_version)
     client = study.tracker.client
@@ -465,7 +478,8 @@ def quantize(study: Study, onnx_path: Path, run_id: str) -> dict[str, Any]:
         info = mlflow.onnx.log_model(onnx.load(str(int8_path)), name="model-int8",
                                      registered_model_name=name if accepted else None, signature=signature,
                                      input_example=sample[:2], save_as_external_data=False,
-                                     onnx_execution_providers=["CPUExecutionProvider"])
+                                     onnx_execution_providers=["CPUExecutionProvider"],
+                                     pip_requirements=model_requirements())
     study.tracker.client.update_run(run_id, status="RUNNING")  # start_run's exit ended it; register-model ends it
     tags = {"int8_registered": str(accepted).lower(), "int8_reason": reason, "int8_path": str(int8_path)}
     out = {**figures, "int8_path": str(int8_path), "int8_registered": accepted, "int8_reason": reason}

@@ -1,6 +1,7 @@
 """End to end: the smoke preset through the real CLI -> Prefect flow -> MLflow (SQLite) -> ONNX -> registry."""
 
 import re
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -132,6 +133,14 @@ def test_registered_model_and_aliases(mlflow_client, smoke_runs, session_env):
     batch = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
     out = model.predict(batch)
     assert out["logits"].shape == (3, 10)
+    # its requirements are stated (not inferred): pinned to what this environment runs
+    import mlflow as mlflow_pkg
+    import onnx
+
+    for uri in ("models:/vit-mnist-smoke/1", f"runs:/{v1.tags['final_run_id']}/model-int8"):
+        pins = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text().split()
+        assert f"mlflow=={mlflow_pkg.__version__}" in pins and f"onnx=={onnx.__version__}" in pins, pins
+        assert any(p.startswith("onnxruntime==") for p in pins) and any(p.startswith("numpy==") for p in pins)
 
 
 def test_exported_file_is_self_contained(smoke_runs):

@@ -9,9 +9,9 @@
 #   seed        the seed study through the flow, fresh, then again resumed (every fold from the result store)
 #   throughput  bench/train_throughput.py on CUDA: fit vs a bare loop, 3 batched folds vs 3 sequential ones
 #   strong      the strong preset (configs/strong.yaml) through the flow
-# seed + throughput take about 4-5 minutes and strong about 5-6, so with a 10-minute limit per device call run
-# them as two calls on the same warm machine: `bench/gpu_check.sh seed throughput`, then `bench/gpu_check.sh
-# strong`. The wheels go to /tmp/site once per machine. Logs and table.txt go to $OUT; the table is printed last.
+# seed + throughput take about 3-4 minutes and strong about 5-6, so with a 10-minute limit per device call run
+# them as two calls on the same warm machine: `bench/gpu_check.sh strong`, then `bench/gpu_check.sh seed
+# throughput` (either order; the stage timeouts bound each call). The wheels go to /tmp/site once per machine. Logs and table.txt go to $OUT; the table is printed last.
 #
 # GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU at toy sizes (smoke preset, a 1-epoch strong preset on a
 # subset): a rehearsal of the script itself, e.g. in a Python 3.12 environment that mirrors the GPU machine's
@@ -31,8 +31,9 @@ export PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 # Byte-compiled at install, so that the first study does not pay for it.
 # A warm machine that ran this before keeps /tmp/site; the marker names the wheel set that was installed.
 SITE=/tmp/site
+SETUP=/tmp/gpu-check-setup; mkdir -p "$SETUP"  # install logs stay off $OUT (a device call returns 8 files at most)
 if ! cmp -s <(ls .whl) "$SITE/.vitflow-wheels" 2>/dev/null; then
-  "$PYTHON" - > "$OUT/wheels.txt" <<'EOF'
+  "$PYTHON" - > "$SETUP/wheels.txt" <<'EOF'
 import importlib.metadata as metadata
 from pathlib import Path
 
@@ -45,8 +46,8 @@ for wheel in sorted(Path(".whl").glob("*.whl")):
     except metadata.PackageNotFoundError:
         print(wheel)
 EOF
-  grep -v '^#' "$OUT/wheels.txt" | xargs -r "$PYTHON" -m pip install -q --no-index --no-deps \
-    --no-cache-dir --upgrade --target "$SITE" > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+  grep -v '^#' "$SETUP/wheels.txt" | xargs -r "$PYTHON" -m pip install -q --no-index --no-deps \
+    --no-cache-dir --upgrade --target "$SITE" > "$SETUP/pip.log" 2>&1 || { tail -20 "$SETUP/pip.log"; exit 1; }
   ls .whl > "$SITE/.vitflow-wheels"
 fi
 export PYTHONPATH="$SITE:$PWD"
@@ -82,17 +83,18 @@ run_study() {  # label, timeout, extra args...
   acc=$(grep -o 'Test accuracy (ONNX Runtime, [A-Za-z]*): [0-9.]*%' "$OUT/$label.log" | tail -1)
   timing=$(grep -o 'Wall time: .*' "$OUT/$label.log" | tail -1)
   echo "$label | rc=$rc | process wall $(seconds_since "$start")s | $acc | $timing" >> "$OUT/table.txt"
+  grep -m2 -o 'CUDA graph capture failed.*' "$OUT/$label.log" | cut -c1-300 >> "$OUT/table.txt"
   tail -18 "$OUT/$label.log"
 }
 : > "$OUT/table.txt"
 for stage in "${STAGES[@]}"; do
   case "$stage" in
     seed)
-      run_study seed-fresh 200 --config "$SEED_CONFIG" --fresh
-      run_study seed-resumed 120 --config "$SEED_CONFIG" ;;  # same study again: every fold from the result store
+      run_study seed-fresh 150 --config "$SEED_CONFIG" --fresh
+      run_study seed-resumed 90 --config "$SEED_CONFIG" ;;  # same study again: every fold from the result store
     throughput)
       start=$(date +%s.%N)  # fit vs a bare loop, and 3 batched folds vs 3 sequential ones (stdout: the tables)
-      timeout 200 "$PYTHON" bench/train_throughput.py --device "$DEVICE" "${THROUGHPUT_ARGS[@]}" \
+      timeout 150 "$PYTHON" bench/train_throughput.py --device "$DEVICE" "${THROUGHPUT_ARGS[@]}" \
         > "$OUT/throughput.md" 2> "$OUT/throughput.log"
       echo "train-throughput | rc=$? | process wall $(seconds_since "$start")s" >> "$OUT/table.txt"
       tail -5 "$OUT/throughput.log" ;;

@@ -17,6 +17,10 @@ Batched folds (``pipeline.batched.fit_folds``, 3 folds of ``--images`` training 
 validation images each) are timed against the same 3 folds trained one after another by ``fit`` with their
 validation set; "3 batched / 1 fold" is the batched run's time over one sequential fold's (1.0 would mean the
 other two folds come free, 3.0 no gain).
+
+On CUDA every ``fit`` and batched row comes twice: "(CUDA graph)" as the study runs it (``train.cuda_graph=auto``:
+each step replayed as one captured graph) and "(eager)" with ``train.cuda_graph=off``, the same kernels launched
+one by one, which is what the bare loop does.
 """
 
 from __future__ import annotations
@@ -125,37 +129,45 @@ def main(argv: list[str] | None = None) -> int:
     fold_rows = ["| device | model | 1 fold s | 3 sequential s | 3 batched s | 3 batched / 1 fold | "
                  "sequential / batched |", "|---|---|---|---|---|---|---|"]
     warm_folds = [(tr[:4 * args.batch_size], va[:args.batch_size]) for tr, va in folds]
+    # On CUDA, fit and the batched folds replay each step as a captured CUDA graph (train.cuda_graph=auto); the
+    # same code with cuda_graph=off is timed beside it, the eager loop the bare one compares with kernel for kernel.
+    modes = {"": train_cfg}
+    if device.type == "cuda":
+        modes = {" (CUDA graph)": train_cfg, " (eager)": train_cfg.model_copy(update={"cuda_graph": "off"})}
     for label, model_cfg in (MODELS[name] for name in args.models):
         params = count_parameters(build_model(model_cfg))
         xs, ys = x[folds[0][0]], y[folds[0][0]]
         few = slice(0, 4 * args.batch_size)
-        med = interleaved(
-            {"bare": lambda: bare_loop(model_cfg, train_cfg, xs, ys, device),
-             "fit": lambda: fit(model_cfg, train_cfg, xs, ys, seed=SEED, progress=False, should_stop=stop.is_set)},
-            {"bare": lambda: bare_loop(model_cfg, train_cfg, xs[few], ys[few], device),
-             "fit": lambda: fit(model_cfg, train_cfg, xs[few], ys[few], seed=SEED, progress=False)},
-            args.repeats, device)
+        variants = {"bare": lambda: bare_loop(model_cfg, train_cfg, xs, ys, device)}
+        warmups = {"bare": lambda: bare_loop(model_cfg, train_cfg, xs[few], ys[few], device)}
+        for mode, cfg in modes.items():
+            variants[f"fit{mode}"] = lambda cfg=cfg: fit(model_cfg, cfg, xs, ys, seed=SEED, progress=False,
+                                                         should_stop=stop.is_set)
+            warmups[f"fit{mode}"] = lambda cfg=cfg: fit(model_cfg, cfg, xs[few], ys[few], seed=SEED, progress=False)
+        med = interleaved(variants, warmups, args.repeats, device)
         rate = {name: len(ys) * args.epochs / s for name, s in med.items()}
-        fit_rows.append(f"| {device.type} | {label} | {params:,} | {rate['bare']:,.0f} | {rate['fit']:,.0f} | "
-                        f"{rate['fit'] / rate['bare']:.2f} |")
-        print(fit_rows[-1], file=sys.stderr, flush=True)  # progress; the tables go to stdout at the end
+        for mode in modes:
+            fit_rows.append(f"| {device.type} | {label}{mode} | {params:,} | {rate['bare']:,.0f} | "
+                            f"{rate[f'fit{mode}']:,.0f} | {rate[f'fit{mode}'] / rate['bare']:.2f} |")
+            print(fit_rows[-1], file=sys.stderr, flush=True)  # progress; the tables go to stdout at the end
         if args.no_batched:
             continue
+        for mode, cfg in modes.items():
+            def sequential(folds: list = folds, cfg: TrainConfig = cfg) -> list:
+                return [fit(model_cfg, cfg, x[tr], y[tr], {"val": (x[va], y[va])}, seed=s, progress=False,
+                            should_stop=stop.is_set) for (tr, va), s in zip(folds, seeds)]
 
-        def sequential(folds: list = folds) -> list:
-            return [fit(model_cfg, train_cfg, x[tr], y[tr], {"val": (x[va], y[va])}, seed=s, progress=False,
-                        should_stop=stop.is_set) for (tr, va), s in zip(folds, seeds)]
+            def batched(folds: list = folds, cfg: TrainConfig = cfg) -> list:
+                return fit_folds(model_cfg, cfg, x, y, folds, seeds, progress=False, should_stop=stop.is_set)
 
-        def batched(folds: list = folds) -> list:
-            return fit_folds(model_cfg, train_cfg, x, y, folds, seeds, progress=False, should_stop=stop.is_set)
-
-        med = interleaved({"sequential": sequential, "batched": batched},
-                          {"sequential": lambda: sequential(warm_folds), "batched": lambda: batched(warm_folds)},
-                          args.repeats, device)
-        one = med["sequential"] / 3
-        fold_rows.append(f"| {device.type} | {label} | {one:.2f} | {med['sequential']:.2f} | {med['batched']:.2f} | "
-                         f"{med['batched'] / one:.2f} | {med['sequential'] / med['batched']:.2f} |")
-        print(fold_rows[-1], file=sys.stderr, flush=True)
+            med = interleaved({"sequential": sequential, "batched": batched},
+                              {"sequential": lambda: sequential(warm_folds), "batched": lambda: batched(warm_folds)},
+                              args.repeats, device)
+            one = med["sequential"] / 3
+            fold_rows.append(f"| {device.type} | {label}{mode} | {one:.2f} | {med['sequential']:.2f} | "
+                             f"{med['batched']:.2f} | {med['batched'] / one:.2f} | "
+                             f"{med['sequential'] / med['batched']:.2f} |")
+            print(fold_rows[-1], file=sys.stderr, flush=True)
     print("\n".join(fit_rows))
     if not args.no_batched:
         print("\n" + "\n".join(fold_rows))

@@ -23,17 +23,24 @@ rounding (tests/test_batched.py):
 - validation through each fold's own ViT, whose parameters are views of its row of the stacked weights (no copy),
   with fit's ``evaluate`` in batches of ``eval_batch_size``: the same numbers fit reports.
 
-``train.compile`` is not applied here: the stacked step runs eager. Dropout draws differ from ``fit``'s (fit's
-dropout is not seeded either).
+``train.compile`` is not applied here. On CUDA (``train.cuda_graph=auto``, no augmentation, no dropout) the whole
+step, forward, backward and the Adam update, is captured once as a CUDA graph and replayed for every step: the
+step reads its batch indices, masks and Adam constants from device tensors through a step counter on the device,
+so one capture serves the whole run, and the GPU sees one launch per step instead of hundreds of kernel launches
+from Python (the seed model's steps are bound by those launches). ``fit`` takes this path too on CUDA, with k = 1.
+Each run then has its own CUDA stream, so concurrent fold tasks overlap on the GPU. Dropout draws differ from
+``fit``'s (fit's dropout is not seeded either).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +76,12 @@ class _StepTable:
     w1: Tensor             # exp_avg.lerp_(grad, w1): 1 - beta1, or 0 when sitting out
     b2: Tensor             # exp_avg_sq * b2 + w2 * grad^2: beta2 and 1 - beta2, or 1 and 0 when sitting out
     w2: Tensor
+
+    def row(self, step: Tensor) -> _StepTable:
+        """The constants of the step that the device counter ``step`` (shape (1,)) names, each (k, 1): read on the
+        device, so a captured CUDA graph reads the right row at every replay."""
+        return _StepTable(**{name: getattr(self, name).index_select(0, step).squeeze(0)
+                             for name in _StepTable.__dataclass_fields__})
 
 
 def _step_table(cfg: TrainConfig, steps: list[int], device: torch.device) -> _StepTable:
@@ -124,15 +137,124 @@ def fit_folds(
     before every step (TrainingAborted); a non-finite training loss raises TrainingDiverged naming the fold (its
     0-based index is the exception's ``fold`` attribute).
     """
-    k = len(folds)
-    if k == 0 or len(seeds) != k:
-        raise ValueError(f"fit_folds needs one seed per fold; got {k} folds and {len(seeds)} seeds")
+    if len(folds) == 0 or len(seeds) != len(folds):
+        raise ValueError(f"fit_folds needs one seed per fold; got {len(folds)} folds and {len(seeds)} seeds")
+    vals = [{"val": (images[torch.as_tensor(va, dtype=torch.long)], labels[torch.as_tensor(va, dtype=torch.long)])}
+            for _, va in folds]
+    return train_stacked(model_cfg, train_cfg, images, labels, [tr for tr, _ in folds], seeds, vals,
+                         callback=callback, should_stop=should_stop, progress=progress, desc=desc)
+
+
+def graph_wanted(train_cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> bool:
+    """``train.cuda_graph=auto`` on CUDA: replay each training step as one captured CUDA graph when nothing in
+    the step needs the host (no augmentation: its per-fold generators and slicing run on the host; no dropout;
+    no torch.compile, which brings its own graphs)."""
+    return (train_cfg.cuda_graph == "auto" and device.type == "cuda" and train_cfg.compile == "off"
+            and not train_cfg.augment.active and model_cfg.dropout == 0)
+
+
+_CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process (fold tasks run in threads)
+WARMUP_STEPS = 3  # eager steps before a capture, as the CUDA graph docs ask (lazy initialisation off the graph)
+
+
+class _StepRunner:
+    """Runs one training step: eagerly, or captured once as a CUDA graph and replayed.
+
+    Capture follows PyTorch's whole-network recipe: a few eager warm-up steps on the (side) stream the run uses,
+    then one capture; the warm-up's effect on ``state`` (weights, Adam moments, counters) is undone, so the run
+    is the same sequence of steps as the eager one. On the CPU, ``rehearse=True`` does the warm-up and the restore
+    without a capture (what the tests can check without a GPU). A failed capture falls back to eager steps with a
+    warning naming the error and ``train.cuda_graph=off``."""
+
+    def __init__(self, step: Callable[[int], None], state: Sequence[Tensor], device: torch.device,
+                 rehearse: bool, desc: str) -> None:
+        self.step, self.graph = step, None
+        if not rehearse:
+            return
+        saved = [t.clone() for t in state]
+        try:
+            for _ in range(WARMUP_STEPS):
+                step(0)
+            if device.type == "cuda":
+                graph = torch.cuda.CUDAGraph()
+                with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=torch.cuda.current_stream(),
+                                                     capture_error_mode="thread_local"):
+                    step(0)
+                self.graph = graph
+        except Exception as exc:  # noqa: BLE001 - any capture failure: train eagerly instead
+            warnings.warn(f"{desc}: CUDA graph capture failed ({type(exc).__name__}: {exc}); training eagerly "
+                          f"(train.cuda_graph=off skips the attempt)", RuntimeWarning, stacklevel=3)
+        finally:
+            with torch.no_grad():
+                for t, value in zip(state, saved):
+                    t.copy_(value)
+
+    def __call__(self, s: int) -> None:
+        if self.graph is None:
+            self.step(s)
+        else:
+            self.graph.replay()
+
+
+def train_stacked(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    images: Tensor,
+    labels: Tensor,
+    train_indices: Sequence[Tensor | None],
+    seeds: Sequence[int],
+    eval_sets: Sequence[dict[str, tuple[Tensor, Tensor]]],
+    *,
+    callback: FoldCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    progress: bool | None = None,
+    desc: str = "folds",
+    graph: bool | None = None,
+) -> list[FitResult]:
+    """k models of one configuration trained as one stacked model: model ``i`` from the weights of ``seeds[i]`` on
+    ``images[train_indices[i]]`` (None: all of them), evaluated on its own ``eval_sets[i]`` (name -> (images,
+    labels)) after every epoch; history keys as ``pipeline.train.fit`` reports them. ``fit_folds`` is this with
+    one validation set per fold; ``fit`` on CUDA is this with k = 1 when the step can be a CUDA graph.
+
+    ``graph``: capture the training step as a CUDA graph (None: ``graph_wanted``). The step then reads every
+    per-step value (batch indices, masks, Adam's constants) from device tensors through a step counter on the
+    device, so one capture serves every step of the run; on the CPU, True rehearses that path without a capture.
+    """
+    k = len(train_indices)
+    if k == 0 or len(seeds) != k or len(eval_sets) != k:
+        raise ValueError(f"train_stacked needs one seed and one evaluation dict per model; got {k} index sets, "
+                         f"{len(seeds)} seeds and {len(eval_sets)} evaluation dicts")
     device = resolve_device(train_cfg.device)
-    bs = train_cfg.batch_size
-    train_idx = [torch.as_tensor(tr, dtype=torch.long) for tr, _ in folds]
+    graph = graph_wanted(train_cfg, model_cfg, device) if graph is None else graph
+    train_idx = [torch.arange(len(labels)) if idx is None else torch.as_tensor(idx, dtype=torch.long)
+                 for idx in train_indices]
     sizes = [len(idx) for idx in train_idx]
     if min(sizes) == 0:
-        raise ValueError(f"fit_folds: fold {sizes.index(0) + 1} has no training images")
+        raise ValueError(f"{desc}: fold {sizes.index(0) + 1} has no training images")
+    # On CUDA the run gets its own stream: concurrent fold tasks (threads) then overlap on the GPU instead of
+    # queueing on the one default stream, and a capture needs a stream other than the default one anyway.
+    stream = torch.cuda.Stream(device) if graph and device.type == "cuda" else None
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream) if stream is not None else nullcontext():
+        models, histories, total = _train_stacked(model_cfg, train_cfg, images, labels, train_idx, sizes, seeds,
+                                                  eval_sets, device, graph, callback, should_stop, progress, desc)
+    if stream is not None:
+        stream.synchronize()
+    for model in models:  # own storage (on the caller's stream), detached from the stacked tensor
+        for p in model.parameters():
+            p.data = p.data.clone()
+        model.eval()
+    return [FitResult(model=model, history=history, seconds=total, device=str(device))
+            for model, history in zip(models, histories)]
+
+
+def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tensor, labels: Tensor,
+                   train_idx: list[Tensor], sizes: list[int], seeds: Sequence[int],
+                   eval_sets: Sequence[dict[str, tuple[Tensor, Tensor]]], device: torch.device, graph: bool,
+                   callback: FoldCallback | None, should_stop: Callable[[], bool] | None, progress: bool | None,
+                   desc: str) -> tuple[list[ViT], list[list[dict[str, float]]], float]:
+    k, bs = len(train_idx), train_cfg.batch_size
     steps = [math.ceil(n / bs) for n in sizes]
     per_epoch = max(steps)
 
@@ -150,8 +272,7 @@ def fit_folds(
     forward = _stacked_forward(template)
 
     images, labels = images.to(device), labels.to(device)
-    vals = [(images[torch.as_tensor(va, device=device)], labels[torch.as_tensor(va, device=device)])
-            for _, va in folds]
+    evals = [{name: (x.to(device), y.to(device)) for name, (x, y) in sets.items()} for sets in eval_sets]
     shufflers = [torch.Generator().manual_seed(seed) for seed in seeds]
     augmenters = ([torch.Generator(device=device).manual_seed(seed + 1) for seed in seeds]
                   if train_cfg.augment.active else None)
@@ -160,56 +281,77 @@ def fit_folds(
     count_table = torch.tensor(counts, dtype=torch.float32, device=device)  # (per_epoch, k)
     real = torch.arange(bs, device=device) < count_table.unsqueeze(-1)  # (per_epoch, k, bs)
     bf16 = train_cfg.precision == "bf16" and device.type == "cuda"
+    # The step's inputs live in fixed device tensors, and the step index is a device counter the step advances
+    # itself: the same step can then be captured once as a CUDA graph and replayed for every step of the run.
+    order = torch.zeros(k, per_epoch, bs, dtype=torch.long, device=device)  # this epoch's batches; padding -> 0
+    counter = torch.zeros(1, dtype=torch.long, device=device)  # steps taken in the run (epoch-major)
+    loss_sum = torch.zeros(k, device=device)
+    wrong = torch.zeros(k, device=device, dtype=torch.long)
+
+    def step(s: int) -> None:
+        """One step of all k models; ``s`` (the step within the epoch) is read on the host by augmentation only,
+        which the graph path never has."""
+        at = torch.remainder(counter, per_epoch)
+        idx = order.index_select(1, at).squeeze(1)  # (k, bs)
+        x, y = to_pixels(images[idx]), labels[idx]
+        mask, n_real = real.index_select(0, at).squeeze(0), count_table.index_select(0, at).squeeze(0)
+        if augmenters is not None:
+            for f in range(k):
+                if counts[s][f]:
+                    x[f, :counts[s][f]] = augment(x[f, :counts[s][f]], train_cfg.augment, augmenters[f])
+        params = {name: piece.view(k, *shape) for name, piece, shape in zip(names, weights.split(numels, dim=1),
+                                                                             shapes)}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graph):
+            logits = forward(params, x).float()
+            per_sample = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none",
+                                         label_smoothing=train_cfg.label_smoothing).view(k, -1)
+        loss = per_sample.masked_fill(~mask, 0.0).sum(1) / n_real.clamp(min=1)  # each fold's mean loss
+        weights.grad = None
+        loss.sum().backward()
+        _adam_step(weights, exp_avg, exp_avg_sq, train_cfg, table.row(counter))
+        with torch.no_grad():
+            loss_sum.add_(loss.detach() * n_real)
+            wrong.add_(((logits.detach().argmax(-1) != y) & mask).sum(1))
+            counter.add_(1)
+
     histories: list[list[dict[str, float]]] = [[] for _ in range(k)]
+    runner: _StepRunner | None = None
     bar = tqdm(total=train_cfg.epochs * per_epoch, desc=desc, unit="step", leave=False,
                disable=None if progress is None else not progress, dynamic_ncols=True)
     start = time.perf_counter()
     try:
         for epoch in range(1, train_cfg.epochs + 1):
             epoch_start = time.perf_counter()
-            order = torch.zeros(k, per_epoch * bs, dtype=torch.long)  # padding points at image 0, weight 0
+            epoch_order = torch.zeros(k, per_epoch * bs, dtype=torch.long)
             for f in range(k):
-                order[f, :sizes[f]] = train_idx[f][torch.randperm(sizes[f], generator=shufflers[f])]
-            order = order.to(device)
-            loss_sum = torch.zeros(k, device=device)
-            wrong = torch.zeros(k, device=device, dtype=torch.long)
+                epoch_order[f, :sizes[f]] = train_idx[f][torch.randperm(sizes[f], generator=shufflers[f])]
+            order.copy_(epoch_order.view(k, per_epoch, bs))
+            if runner is None:  # after the first epoch's batches are in place: the warm-up steps train on them
+                runner = _StepRunner(step, [weights, exp_avg, exp_avg_sq, counter, loss_sum, wrong], device,
+                                     graph, desc)
+            loss_sum.zero_()
+            wrong.zero_()
             for s in range(per_epoch):
                 if should_stop is not None and should_stop():
                     raise TrainingAborted(f"{desc}: stopped in epoch {epoch} because the study is stopping")
-                idx = order[:, s * bs:(s + 1) * bs]
-                x, y, mask = to_pixels(images[idx]), labels[idx], real[s]
-                if augmenters is not None:
-                    for f in range(k):
-                        if counts[s][f]:
-                            x[f, :counts[s][f]] = augment(x[f, :counts[s][f]], train_cfg.augment, augmenters[f])
-                params = {name: piece.view(k, *shape)
-                          for name, piece, shape in zip(names, weights.split(numels, dim=1), shapes)}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = forward(params, x).float()
-                    per_sample = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none",
-                                                 label_smoothing=train_cfg.label_smoothing).view(k, -1)
-                n_real = count_table[s]
-                loss = per_sample.masked_fill(~mask, 0.0).sum(1) / n_real.clamp(min=1)  # each fold's mean loss
-                weights.grad = None
-                loss.sum().backward()
-                _adam_step(weights, exp_avg, exp_avg_sq, train_cfg, table, (epoch - 1) * per_epoch + s)
-                loss_sum += loss.detach() * n_real
-                wrong += ((logits.detach().argmax(-1) != y) & mask).sum(1)
+                runner(s)
                 bar.update(1)
             train_loss = [total / n for total, n in zip(loss_sum.tolist(), sizes)]
             train_error = [count / n for count, n in zip(wrong.tolist(), sizes)]
             for f, value in enumerate(train_loss):
                 if not math.isfinite(value):
-                    diverged = TrainingDiverged(f"{desc} fold {f + 1}/{k}: training loss is {value} in epoch "
-                                                f"{epoch} (train.lr={train_cfg.lr}); lower the learning rate")
+                    which = f" fold {f + 1}/{k}" if k > 1 else ""
+                    diverged = TrainingDiverged(f"{desc}{which}: training loss is {value} in epoch {epoch} "
+                                                f"(train.lr={train_cfg.lr}); lower the learning rate")
                     diverged.fold = f
                     raise diverged
             epoch_metrics = []
             for f in range(k):
                 metrics = {"train_loss": train_loss[f], "train_error": train_error[f],
                            "lr": train_cfg.lr * lr_factor(train_cfg, steps[f])(epoch * steps[f])}
-                metrics["val_loss"], metrics["val_error"] = evaluate(models[f], *vals[f],
-                                                                     train_cfg.eval_batch_size, device)
+                for name, (x, y) in evals[f].items():
+                    metrics[f"{name}_loss"], metrics[f"{name}_error"] = evaluate(models[f], x, y,
+                                                                                 train_cfg.eval_batch_size, device)
                 epoch_metrics.append(metrics)
             seconds = time.perf_counter() - epoch_start
             for f, metrics in enumerate(epoch_metrics):
@@ -217,23 +359,17 @@ def fit_folds(
                 histories[f].append(metrics)
                 if callback is not None:
                     callback(f, epoch, metrics)
-            bar.set_postfix({"val_error": " ".join(f"{m['val_error']:.4f}" for m in epoch_metrics)})
+            bar.set_postfix({"error": " ".join(f"{v:.4f}" for m in epoch_metrics for key, v in m.items()
+                                                if key.endswith("_error") and key != "train_error")})
     finally:
         bar.close()
-    total = time.perf_counter() - start
-    for model in models:  # own storage, detached from the stacked tensor
-        for p in model.parameters():
-            p.data = p.data.clone()
-        model.eval()
-    return [FitResult(model=model, history=history, seconds=total, device=str(device))
-            for model, history in zip(models, histories)]
+    return models, histories, time.perf_counter() - start
 
 
 @torch.no_grad()
-def _adam_step(weights: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, cfg: TrainConfig, table: _StepTable,
-               g: int) -> None:
-    """One Adam/AdamW step of every fold's row of ``weights`` (k, P), with step ``g``'s per-fold constants;
-    clipping first (each fold's own global norm), as fit clips before ``optimizer.step()``."""
+def _adam_step(weights: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, cfg: TrainConfig, row: _StepTable) -> None:
+    """One Adam/AdamW step of every fold's row of ``weights`` (k, P), with this step's per-fold constants ``row``
+    (each (k, 1)); clipping first (each fold's own global norm), as fit clips before ``optimizer.step()``."""
     grad = weights.grad
     if cfg.grad_clip:
         norm = torch.linalg.vector_norm(grad, dim=1, keepdim=True)
@@ -241,8 +377,8 @@ def _adam_step(weights: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, cfg: TrainC
     if cfg.weight_decay and cfg.optimizer == "adam":
         grad = grad.add(weights, alpha=cfg.weight_decay)
     if cfg.weight_decay and cfg.optimizer == "adamw":
-        weights.mul_(table.decay[g])
-    exp_avg.lerp_(grad, table.w1[g])
-    exp_avg_sq.mul_(table.b2[g]).addcmul_(grad, grad * table.w2[g])
-    denom = exp_avg_sq.sqrt().div_(table.bias2_sqrt[g]).add_(EPS)
-    weights.addcmul_(exp_avg / denom, table.neg_step_size[g])
+        weights.mul_(row.decay)
+    exp_avg.lerp_(grad, row.w1)
+    exp_avg_sq.mul_(row.b2).addcmul_(grad, grad * row.w2)
+    denom = exp_avg_sq.sqrt().div_(row.bias2_sqrt).add_(EPS)
+    weights.addcmul_(exp_avg / denom, row.neg_step_size)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 DATA_DIR_ENV = "VITFLOW_DATA_DIR"
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -113,12 +113,17 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on CUDA (CPU stays fp32)")
     compile: Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "off", description="torch.compile mode for the training step's model; off: eager")
+    cuda_graph: Literal["auto", "off"] = Field(
+        "auto", description="auto: on CUDA, capture the whole training step (forward, backward, optimizer) once as "
+                            "a CUDA graph and replay it, when compile is off and there is no augmentation or dropout")
 
-    @field_validator("compile", mode="before")
+    @field_validator("compile", "cuda_graph", mode="before")
     @classmethod
-    def _compile_switch(cls, value: Any) -> Any:
-        """YAML reads a bare ``off``/``on`` (and ``false``/``true``) as a boolean: take them as "off"/"default"."""
-        return {False: "off", True: "default"}.get(value, value) if isinstance(value, bool) else value
+    def _switch(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML reads a bare ``off``/``on`` (and ``false``/``true``) as a boolean: take them as "off" and the
+        field's "on" mode (compile: "default", cuda_graph: "auto")."""
+        on = "default" if info.field_name == "compile" else "auto"
+        return {False: "off", True: on}.get(value, value) if isinstance(value, bool) else value
 
 
 class CVConfig(_Strict):

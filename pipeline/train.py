@@ -139,10 +139,20 @@ def fit(
     and <name>_loss/<name>_error for each evaluation set, to ``callback`` and into the returned history.
 
     Deterministic on CPU for a given ``seed`` (weights and batch order both derive from it). ``should_stop`` is
-    polled before every batch; when it returns True, TrainingAborted is raised.
+    polled before every batch; when it returns True, TrainingAborted is raised. On CUDA with
+    ``train.cuda_graph=auto`` (and no compile, augmentation or dropout) the steps run as a replayed CUDA graph
+    (``pipeline.batched.train_stacked``).
     """
     seed = train_cfg.seed if seed is None else seed
     device = resolve_device(train_cfg.device)
+    from pipeline.batched import graph_wanted, train_stacked
+
+    if graph_wanted(train_cfg, model_cfg, device):
+        # On CUDA, a small model's step is bound by kernel launches: the stacked trainer with one model captures
+        # the whole step as one CUDA graph (the same arithmetic; the last batch padded with zero-weight samples).
+        return train_stacked(model_cfg, train_cfg, train_images, train_labels, [None], [seed], [eval_sets or {}],
+                             callback=None if callback is None else lambda _, epoch, m: callback(epoch, m),
+                             should_stop=should_stop, progress=progress, desc=desc)[0]
     model = build_model(model_cfg, seed=seed).to(device)
     optimizer = _optimizer(model, train_cfg, device)
     images, labels = train_images.to(device), train_labels.to(device)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.batched import fit_folds
+from pipeline.batched import fit_folds, graph_wanted, train_stacked
 from pipeline.config import AugmentConfig, ModelConfig, TrainConfig
 from pipeline.data import stratified_folds
 from pipeline.train import TrainingAborted, TrainingDiverged, fit, predict_logits
@@ -99,3 +99,43 @@ def test_divergence_names_the_fold_and_should_stop_aborts(subset):
     with pytest.raises(TrainingAborted, match="stopped in epoch 1"):
         fit_folds(MODEL, TrainConfig(epochs=1, device="cpu"), x, y, folds, SEEDS, progress=False,
                   should_stop=lambda: True)
+
+
+def test_graph_path_rehearsed_on_cpu_trains_as_the_eager_path(subset):
+    """The CUDA-graph path (static step inputs, a device step counter, warm-up steps whose effect is undone before
+    the capture) rehearsed on the CPU: the same training as sequential fits, so the warm-up leaves no trace."""
+    x, y, folds = subset
+    cfg = TrainConfig(epochs=2, batch_size=128, device="cpu", optimizer="adamw", weight_decay=0.05,
+                      schedule="cosine", warmup_epochs=0.5, label_smoothing=0.1, grad_clip=0.5)
+    vals = [{"val": (x[va], y[va])} for _, va in folds]
+    got = train_stacked(MODEL, cfg, x, y, [tr for tr, _ in folds], SEEDS, vals, progress=False, graph=True)
+    assert_same_training(sequential(cfg, x, y, folds), got, x, folds)
+
+
+def test_one_stacked_model_is_fit_with_padded_last_batch(subset):
+    """fit on CUDA runs as train_stacked with k = 1 (the captured step needs one batch shape: the last batch is
+    padded with zero-weight samples). 1000 images in batches of 96: 11 steps, the last of 40 images."""
+    x, y, folds = subset
+    tr, va = folds[0]
+    tr = tr[:1000]
+    cfg = TrainConfig(epochs=2, batch_size=96, device="cpu", schedule="cosine", warmup_epochs=0.5, grad_clip=1.0)
+    expected = fit(MODEL, cfg, x[tr], y[tr], {"test": (x[va], y[va])}, seed=SEEDS[0], progress=False)
+    seen = []
+    got = train_stacked(MODEL, cfg, x[tr], y[tr], [None], SEEDS[:1], [{"test": (x[va], y[va])}], progress=False,
+                        graph=True, callback=lambda f, epoch, m: seen.append((f, epoch)))
+    assert seen == [(0, 1), (0, 2)]
+    assert_same_training([expected], got, x, [(tr, va)])
+    with pytest.raises(TrainingDiverged, match=r"^one: training loss is nan in epoch 1"):
+        train_stacked(MODEL, cfg.model_copy(update={"lr": 1e30}), x[tr], y[tr], [None], [0], [{}], progress=False,
+                      desc="one")
+
+
+def test_cuda_graph_is_wanted_only_for_a_step_without_host_work():
+    cuda = torch.device("cuda")
+    plain = TrainConfig()
+    assert graph_wanted(plain, MODEL, cuda)
+    assert not graph_wanted(plain, MODEL, torch.device("cpu"))
+    assert not graph_wanted(plain.model_copy(update={"cuda_graph": "off"}), MODEL, cuda)
+    assert not graph_wanted(plain.model_copy(update={"compile": "default"}), MODEL, cuda)
+    assert not graph_wanted(plain.model_copy(update={"augment": AugmentConfig(rotation=10)}), MODEL, cuda)
+    assert not graph_wanted(plain, MODEL.model_copy(update={"dropout": 0.1}), cuda)

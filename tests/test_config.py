@@ -108,3 +108,5 @@ def test_yaml_off_and_on_are_compile_modes(tmp_path):
     assert load_config("seed", ["train.compile=max-autotune"]).train.compile == "max-autotune"
     with pytest.raises(ConfigError, match="train.compile"):
         load_config("seed", ["train.compile=fast"])
+    assert load_config("seed", ["train.cuda_graph=off"]).train.cuda_graph == "off"
+    assert load_config("seed", ["train.cuda_graph=on"]).train.cuda_graph == "auto"

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from pipeline.augment import augment
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.model import ViT, build_model
+from pipeline.model import Attention, ViT, build_model
 from pipeline.train import (FitResult, TrainingAborted, TrainingDiverged, evaluate, lr_factor, resolve_device,
                             to_pixels)
 
@@ -260,6 +260,9 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
 
     models = [build_model(model_cfg, seed=seed).to(device) for seed in seeds]
     template = copy.deepcopy(models[0])  # structure and buffers for the stacked forward; its own weights unused
+    for module in template.modules():  # attention written out: the fused CUDA kernels fail under vmap
+        if isinstance(module, Attention):
+            module.explicit = True
     names = [name for name, _ in template.named_parameters()]
     shapes = [p.shape for p in template.parameters()]
     numels = [p.numel() for p in template.parameters()]

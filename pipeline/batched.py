@@ -23,11 +23,12 @@ rounding (tests/test_batched.py):
 - validation through each fold's own ViT, whose parameters are views of its row of the stacked weights (no copy),
   with fit's ``evaluate`` in batches of ``eval_batch_size``: the same numbers fit reports.
 
-``train.compile`` is not applied here. On CUDA (``train.cuda_graph=auto``, no augmentation, no dropout) the whole
-step, forward, backward and the Adam update, is captured once as a CUDA graph and replayed for every step: the
-step reads its batch indices, masks and Adam constants from device tensors through a step counter on the device,
-so one capture serves the whole run, and the GPU sees one launch per step instead of hundreds of kernel launches
-from Python (the seed model's steps are bound by those launches). ``fit`` takes this path too on CUDA, with k = 1.
+``train.compile`` is not applied here. On CUDA (``train.cuda_graph=auto``, no dropout) the whole step, the
+augmentation, forward, backward and the Adam update, is captured once as a CUDA graph and replayed for every step:
+the step reads its batch indices, masks and Adam constants from device tensors through a step counter on the
+device, the augmentation generators are registered with the graph (each replay draws anew), so one capture serves
+the whole run, and the GPU sees one launch per step instead of hundreds of kernel launches from Python (the small
+models here are bound by those launches, the 1M-parameter strong one at batch 512 too). ``fit`` takes this path too on CUDA, with k = 1.
 Each run then has its own CUDA stream, so concurrent fold tasks overlap on the GPU. Dropout draws differ from
 ``fit``'s (fit's dropout is not seeded either).
 """
@@ -146,11 +147,11 @@ def fit_folds(
 
 
 def graph_wanted(train_cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> bool:
-    """``train.cuda_graph=auto`` on CUDA: replay each training step as one captured CUDA graph when nothing in
-    the step needs the host (no augmentation: its per-fold generators and slicing run on the host; no dropout;
-    no torch.compile, which brings its own graphs)."""
+    """``train.cuda_graph=auto`` on CUDA: replay each training step as one captured CUDA graph, unless the
+    step has dropout or torch.compile (which brings its own graphs: ``train.compile=reduce-overhead``).
+    Augmentation is captured too: its per-fold generators are registered with the graph."""
     return (train_cfg.cuda_graph == "auto" and device.type == "cuda" and train_cfg.compile == "off"
-            and not train_cfg.augment.active and model_cfg.dropout == 0)
+            and model_cfg.dropout == 0)
 
 
 _CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process (fold tasks run in threads)
@@ -166,17 +167,21 @@ class _StepRunner:
     without a capture (what the tests can check without a GPU). A failed capture falls back to eager steps with a
     warning naming the error and ``train.cuda_graph=off``."""
 
-    def __init__(self, step: Callable[[int], None], state: Sequence[Tensor], device: torch.device,
-                 rehearse: bool, desc: str) -> None:
+    def __init__(self, step: Callable[[int], None], state: Sequence[Tensor], generators: Sequence[torch.Generator],
+                 device: torch.device, rehearse: bool, desc: str) -> None:
         self.step, self.graph = step, None
         if not rehearse:
             return
         saved = [t.clone() for t in state]
+        saved_rng = [g.get_state() for g in generators]
         try:
             for _ in range(WARMUP_STEPS):
                 step(0)
+            self._restore(state, saved, generators, saved_rng)
             if device.type == "cuda":
                 graph = torch.cuda.CUDAGraph()
+                for generator in generators:  # the augmentation's own generators: each replay draws anew
+                    graph.register_generator_state(generator)
                 with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=torch.cuda.current_stream(),
                                                      capture_error_mode="thread_local"):
                     step(0)
@@ -185,9 +190,17 @@ class _StepRunner:
             warnings.warn(f"{desc}: CUDA graph capture failed ({type(exc).__name__}: {exc}); training eagerly "
                           f"(train.cuda_graph=off skips the attempt)", RuntimeWarning, stacklevel=3)
         finally:
-            with torch.no_grad():
-                for t, value in zip(state, saved):
-                    t.copy_(value)
+            self._restore(state, saved, [] if self.graph else generators, saved_rng)
+
+    @staticmethod
+    @torch.no_grad()
+    def _restore(state: Sequence[Tensor], saved: Sequence[Tensor], generators: Sequence[torch.Generator],
+                 saved_rng: Sequence[Tensor]) -> None:
+        """Undo the warm-up: tensors and the augmentation generators back to where the run starts."""
+        for t, value in zip(state, saved):
+            t.copy_(value)
+        for generator, rng in zip(generators, saved_rng):
+            generator.set_state(rng)
 
     def __call__(self, s: int) -> None:
         if self.graph is None:
@@ -292,13 +305,17 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
     wrong = torch.zeros(k, device=device, dtype=torch.long)
 
     def step(s: int) -> None:
-        """One step of all k models; ``s`` (the step within the epoch) is read on the host by augmentation only,
-        which the graph path never has."""
+        """One step of all k models. ``s`` (the step within the epoch) is read on the host only by eager
+        augmentation, which draws for each fold's real samples alone, exactly as fit does. The graph path augments
+        whole (padded) batches instead: the same distribution, but a partial last batch draws more numbers, so
+        from there on the draws differ from fit's."""
         at = torch.remainder(counter, per_epoch)
         idx = order.index_select(1, at).squeeze(1)  # (k, bs)
         x, y = to_pixels(images[idx]), labels[idx]
         mask, n_real = real.index_select(0, at).squeeze(0), count_table.index_select(0, at).squeeze(0)
-        if augmenters is not None:
+        if augmenters is not None and graph:  # fixed shapes: every row, padding too (its loss weight is 0)
+            x = torch.stack([augment(x[f], train_cfg.augment, augmenters[f]) for f in range(k)])
+        elif augmenters is not None:  # exactly fit's draws: the fold's real samples of this step only
             for f in range(k):
                 if counts[s][f]:
                     x[f, :counts[s][f]] = augment(x[f, :counts[s][f]], train_cfg.augment, augmenters[f])
@@ -330,8 +347,8 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
                 epoch_order[f, :sizes[f]] = train_idx[f][torch.randperm(sizes[f], generator=shufflers[f])]
             order.copy_(epoch_order.view(k, per_epoch, bs))
             if runner is None:  # after the first epoch's batches are in place: the warm-up steps train on them
-                runner = _StepRunner(step, [weights, exp_avg, exp_avg_sq, counter, loss_sum, wrong], device,
-                                     graph, desc)
+                runner = _StepRunner(step, [weights, exp_avg, exp_avg_sq, counter, loss_sum, wrong],
+                                     augmenters or [], device, graph, desc)
             loss_sum.zero_()
             wrong.zero_()
             for s in range(per_epoch):

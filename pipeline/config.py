@@ -114,8 +114,8 @@ class TrainConfig(_Strict):
     compile: Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "off", description="torch.compile mode for the training step's model; off: eager")
     cuda_graph: Literal["auto", "off"] = Field(
-        "auto", description="auto: on CUDA, capture the whole training step (forward, backward, optimizer) once as "
-                            "a CUDA graph and replay it, when compile is off and there is no augmentation or dropout")
+        "auto", description="auto: on CUDA, capture the whole training step (augmentation, forward, backward, "
+                            "optimizer) once as a CUDA graph and replay it, when compile is off and there is no dropout")
 
     @field_validator("compile", "cuda_graph", mode="before")
     @classmethod

@@ -130,12 +130,25 @@ def test_one_stacked_model_is_fit_with_padded_last_batch(subset):
                       desc="one")
 
 
-def test_cuda_graph_is_wanted_only_for_a_step_without_host_work():
+def test_cuda_graph_is_wanted_unless_dropout_or_compile():
     cuda = torch.device("cuda")
     plain = TrainConfig()
     assert graph_wanted(plain, MODEL, cuda)
     assert not graph_wanted(plain, MODEL, torch.device("cpu"))
     assert not graph_wanted(plain.model_copy(update={"cuda_graph": "off"}), MODEL, cuda)
     assert not graph_wanted(plain.model_copy(update={"compile": "default"}), MODEL, cuda)
-    assert not graph_wanted(plain.model_copy(update={"augment": AugmentConfig(rotation=10)}), MODEL, cuda)
+    assert graph_wanted(plain.model_copy(update={"augment": AugmentConfig(rotation=10)}), MODEL, cuda)
     assert not graph_wanted(plain, MODEL.model_copy(update={"dropout": 0.1}), cuda)
+
+
+def test_graph_path_captures_augmentation(subset):
+    """With augmentation the graph path augments whole batches (fixed shapes, one draw per row): with batches that
+    divide the folds (1500 = 12 x 125) that is exactly what fit draws, so the runs agree; the warm-up's draws are
+    undone along with its steps."""
+    x, y, folds = subset
+    cfg = TrainConfig(epochs=2, batch_size=125, device="cpu", label_smoothing=0.1,
+                      augment=AugmentConfig(rotation=10, translate=0.1, scale=(0.9, 1.1), elastic_alpha=20,
+                                            elastic_sigma=4, erasing=0.3))
+    vals = [{"val": (x[va], y[va])} for _, va in folds]
+    got = train_stacked(MODEL, cfg, x, y, [tr for tr, _ in folds], SEEDS, vals, progress=False, graph=True)
+    assert_same_training(sequential(cfg, x, y, folds), got, x, folds)

@@ -4,6 +4,7 @@ a summary table."""
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -75,6 +76,16 @@ def start_prefect_api_early() -> threading.Thread | None:
     return thread
 
 
+def settle_garbage_collector() -> None:
+    """Move the ~1M objects that importing torch, Prefect and MLflow creates out of the garbage collector's
+    sight (gc.freeze), so that its full collections during the study, and the one at interpreter exit, scan only
+    what the study itself creates. Measured on a smoke study (2 CPU cores): 12 full collections took 3.1 s and
+    the exit's 3.5 s, of a ~24 s process. Only for a whole ``vitflow`` process, not when main() is called
+    in-process by a caller that owns the interpreter."""
+    # no gc.collect() first: it would cost a full collection (~0.5 s) to free a little import-time garbage
+    gc.freeze()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.set)  # validate before Prefect or any data work starts
@@ -94,6 +105,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         if booting is not None:
             booting.join()
+        if getattr(args, "whole_process", False):
+            settle_garbage_collector()
         summary = vit_pipeline(config=args.config, overrides=args.set, fresh=args.fresh, runner=args.runner,
                                dask_address=args.dask_address)
     except (DataError, ConfigError) as exc:
@@ -161,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "dask_address", None) and args.runner != "dask":
         parser.error("--dask-address needs --runner dask")
-    return args.func(args)
+    args.whole_process = argv is None  # the command line itself (console script, python -m flows.cli)
+    rc = args.func(args)
+    if args.whole_process:
+        gc.freeze()  # the exit's final collection then skips what the command made (seconds for a study)
+    return rc
 
 
 if __name__ == "__main__":

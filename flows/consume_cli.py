@@ -183,11 +183,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_classifier(clf, data.test_images.numpy(), data.test_labels.numpy(), args.batch_size)
     print(format_evaluation(result, clf.source.label, clf.source.uri, str(root)))
     if args.figure:
-        import matplotlib.pyplot as plt
-
-        figure = confusion_figure(result, clf.source)
-        figure.savefig(args.figure, dpi=100)
-        plt.close(figure)
+        confusion_figure(result, clf.source).savefig(args.figure, dpi=100)
         print(f"\nConfusion matrix: {args.figure}")
     if args.log_to_mlflow:
         from pipeline.config import TrackingConfig

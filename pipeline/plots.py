@@ -1,15 +1,24 @@
-"""Figures for MLflow: each function returns a matplotlib Figure (never shows it)."""
+"""Figures for MLflow: each function returns a matplotlib Figure (never shows it).
+
+The figures are made without pyplot (``Figure`` objects, outside pyplot's global registry of open figures): any
+thread may build and save them, and none stays open after it is saved (no ``plt.close`` to forget)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], layout: str = "constrained",
+              **subplot_kw: Any) -> tuple[Figure, Any]:
+    """pyplot's ``subplots`` without pyplot: a Figure of its own and its axes."""
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(nrows, ncols, **subplot_kw)
 
 
 def model_selection(rows: Sequence[dict], best_label: str) -> Figure:
@@ -21,7 +30,7 @@ def model_selection(rows: Sequence[dict], best_label: str) -> Figure:
     labels = [r["label"] for r in rows]
     x = np.arange(len(rows))
     width = 0.38
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(rows) + 2), 4.8), layout="constrained")
+    fig, ax = _subplots(figsize=(max(7.0, 1.6 * len(rows) + 2), 4.8), layout="constrained")
     for offset, key, name, color in ((-width / 2, "train", "training", "#7aa6c2"),
                                      (width / 2, "val", "validation", "#e08a3c")):
         means = [100 * r[f"{key}_error_mean"] for r in rows]
@@ -57,7 +66,7 @@ def model_selection(rows: Sequence[dict], best_label: str) -> Figure:
 def learning_curves(history: Sequence[dict], title: str, eval_name: str = "test") -> Figure:
     """Training vs ``eval_name`` error and loss per epoch."""
     epochs = np.arange(1, len(history) + 1)
-    fig, (ax_err, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    fig, (ax_err, ax_loss) = _subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     for key, name, style in (("train", "training", "-o"), (eval_name, eval_name, "-s")):
         ax_err.plot(epochs, [100 * h[f"{key}_error"] for h in history], style, label=name)
         ax_loss.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=name)
@@ -78,7 +87,7 @@ def confusion_matrix(true: np.ndarray, predicted: np.ndarray, title: str, classe
     counts = np.zeros((classes, classes), dtype=np.int64)
     np.add.at(counts, (true, predicted), 1)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.6), layout="constrained")
+    fig, axes = _subplots(1, 2, figsize=(13, 5.6), layout="constrained")
     for ax, matrix, name, fmt in ((axes[0], counts, "counts", "d"), (axes[1], rates, "row-normalised", ".2f")):
         image = ax.imshow(matrix, cmap="Blues")
         fig.colorbar(image, ax=ax, shrink=0.8)
@@ -112,7 +121,7 @@ def misclassified(images: np.ndarray, true: np.ndarray, probabilities: np.ndarra
     wrong = np.flatnonzero(predicted != true)
     shown = wrong[np.argsort(-confidence[wrong], kind="stable")][:max_images]
     rows = max(1, -(-len(shown) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows + 0.7), layout="constrained",
+    fig, axes = _subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows + 0.7), layout="constrained",
                              squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -141,7 +150,7 @@ def attention_maps(images: np.ndarray, labels: Sequence[int], predictions: Seque
     size = images.shape[-1]
     extent = (-0.5, size - 0.5, size - 0.5, -0.5)
     row_names = ["digit"] + [f"last block\nhead {h + 1}" for h in range(heads)] + ["rollout\n(all blocks)"]
-    fig, axes = plt.subplots(len(row_names), n, figsize=(1.45 * n + 0.9, 1.5 * len(row_names) + 0.8),
+    fig, axes = _subplots(len(row_names), n, figsize=(1.45 * n + 0.9, 1.5 * len(row_names) + 0.8),
                              layout="constrained", squeeze=False)
     for col in range(n):
         maps = [None] + [last_block[col, h] for h in range(heads)] + [rollout[col]]
@@ -165,9 +174,9 @@ def attention_maps(images: np.ndarray, labels: Sequence[int], predictions: Seque
     return fig
 
 
-def _fold_lines(ax_err: plt.Axes, histories: Sequence[Sequence[dict]], eval_name: str = "val",
+def _fold_lines(ax_err: Axes, histories: Sequence[Sequence[dict]], eval_name: str = "val",
                 legend: bool = True) -> None:
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, history in enumerate(histories):
         epochs = np.arange(1, len(history) + 1)
         color = colors[k % len(colors)]
@@ -185,9 +194,9 @@ def _fold_lines(ax_err: plt.Axes, histories: Sequence[Sequence[dict]], eval_name
 def fold_curves(histories: Sequence[Sequence[dict]], label: str) -> Figure:
     """One configuration's cross-validation: training (dashed) and validation (solid) error and loss per epoch,
     one colour per fold. ``histories``: per fold, the per-epoch metric dicts (train_/val_ error and loss)."""
-    fig, (ax_err, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+    fig, (ax_err, ax_loss) = _subplots(1, 2, figsize=(11, 4.4), layout="constrained")
     _fold_lines(ax_err, histories)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, history in enumerate(histories):
         epochs = np.arange(1, len(history) + 1)
         color = colors[k % len(colors)]
@@ -209,7 +218,7 @@ def fold_curves_grid(rows: Sequence[dict], best_label: str) -> Figure:
     ``rows``: leaderboard rows with label and fold_histories."""
     columns = min(4, len(rows))
     nrows = -(-len(rows) // columns)
-    fig, axes = plt.subplots(nrows, columns, figsize=(3.8 * columns + 0.6, 3.4 * nrows + 0.9), sharey=True,
+    fig, axes = _subplots(nrows, columns, figsize=(3.8 * columns + 0.6, 3.4 * nrows + 0.9), sharey=True,
                              layout="constrained", squeeze=False)
     for ax in axes.flat[len(rows):]:
         ax.axis("off")

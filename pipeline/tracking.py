@@ -173,10 +173,7 @@ class Tracker:
                       synchronous=True)
 
     def log_figure(self, run_id: str, figure: Any, path: str) -> None:
-        import matplotlib.pyplot as plt
-
         self.client.log_figure(run_id, figure, path)
-        plt.close(figure)
 
     def log_text(self, run_id: str, text: str, path: str) -> None:
         self.client.log_text(run_id, text, path)

@@ -57,11 +57,10 @@ def study_run(data_root, tmp_path_factory):
 
 
 def png(figure) -> Image.Image:
-    """The figure as MLflow stores it (savefig, PNG, default dpi), decoded; the figure is closed."""
+    """The figure as MLflow stores it (savefig, PNG, default dpi), decoded."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     expected = tuple(int(round(v)) for v in figure.get_size_inches() * figure.dpi)
-    plots.plt.close(figure)
     assert buffer.tell() > 5_000  # a real picture, not an empty canvas
     image = Image.open(io.BytesIO(buffer.getvalue()))
     assert image.format == "PNG" and image.size == expected
@@ -239,3 +238,4 @@ def test_long_cards_are_cut_to_fit_a_version_description(study_run):
     assert len(description) <= report.DESCRIPTION_LIMIT
     assert "| 5 | config 5 |" in description and "| 6 | config 6 |" not in description
     assert "75 more configurations: see model_card.md" in description
+

@@ -59,12 +59,12 @@ fi
 export VITFLOW_DATA_DIR="$DATA" PREFECT_HOME=/tmp/prefect-home VITFLOW_RESULTS_DIR=/tmp/vitflow-results
 
 if [ "$DRY" = 1 ]; then
-  DEVICE=cpu; SEED_CONFIG=smoke; THROUGHPUT_ARGS=(--images 2000 --repeats 1)
+  DEVICE=cpu; SEED_CONFIG=smoke; THROUGHPUT_ARGS=(--images 2000 --repeats 1 --profile)
   STRONG_SET=(--set train.epochs=1 --set cv.epochs=1 --set data.train_subset=3000 --set data.test_subset=1000
               --set train.compile=off --set train.batch_size=128)
   echo "dry run on the CPU ($(nproc) cores)" > "$OUT/gpu.txt"
 else
-  DEVICE=cuda; SEED_CONFIG=seed; THROUGHPUT_ARGS=(--images 20000 --repeats 3); STRONG_SET=()
+  DEVICE=cuda; SEED_CONFIG=seed; THROUGHPUT_ARGS=(--images 20000 --repeats 3 --profile); STRONG_SET=()
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt"
 fi
 "$PYTHON" -c "import sys, torch, prefect, mlflow, onnx, onnxruntime as o; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'prefect', prefect.__version__, 'mlflow', mlflow.__version__, 'onnx', onnx.__version__, 'ort', o.__version__, o.get_available_providers())" | tee "$OUT/versions.txt"
@@ -72,6 +72,21 @@ fi
   echo "torch sees no CUDA device: not a GPU check (GPU_CHECK_DRY_RUN=1 rehearses on the CPU)"; exit 1; }
 
 seconds_since() { "$PYTHON" -c "import time; print(f'{time.time() - $1:.1f}')"; }
+phases() {  # start (epoch s), log: seconds before the flow's first log line and after Prefect's server stopped
+  "$PYTHON" - "$1" "$2" <<'EOF'
+import datetime, re, sys, time
+start, end, log = float(sys.argv[1]), time.time(), open(sys.argv[2], errors="replace").read()
+day = datetime.datetime.fromtimestamp(start).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+def at(pattern, last=False):
+    hits = re.findall(r"^(\d\d):(\d\d):(\d\d\.\d+) \| .*" + pattern, log, re.M)
+    if not hits:
+        return None
+    h, m, s = hits[-1 if last else 0]
+    return day + int(h) * 3600 + int(m) * 60 + float(s)
+begin, stop = at("Beginning flow run"), at("Stopping temporary server", last=True)
+print("before flow " + (f"{begin - start:.1f}s" if begin else "?") + ", after it " + (f"{end - stop:.1f}s" if stop else "?"))
+EOF
+}
 run_study() {  # label, timeout, extra args...
   local label=$1 limit=$2; shift 2
   local start
@@ -82,7 +97,8 @@ run_study() {  # label, timeout, extra args...
   local acc timing
   acc=$(grep -o 'Test accuracy (ONNX Runtime, [A-Za-z]*): [0-9.]*%' "$OUT/$label.log" | tail -1)
   timing=$(grep -o 'Wall time: .*' "$OUT/$label.log" | tail -1)
-  echo "$label | rc=$rc | process wall $(seconds_since "$start")s | $acc | $timing" >> "$OUT/table.txt"
+  echo "$label | rc=$rc | process wall $(seconds_since "$start")s | $(phases "$start" "$OUT/$label.log") | $acc | $timing" \
+    >> "$OUT/table.txt"
   grep -m2 -o 'CUDA graph capture failed.*' "$OUT/$label.log" | cut -c1-300 >> "$OUT/table.txt"
   tail -18 "$OUT/$label.log"
 }

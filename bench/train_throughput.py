@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--no-batched", action="store_true", help="skip batched folds vs sequential folds")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one batched run of 1 and of 3 folds of the first model (torch.profiler, "
+                             "top kernels by device time): what grows with the number of folds")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -171,7 +174,28 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(fit_rows))
     if not args.no_batched:
         print("\n" + "\n".join(fold_rows))
+    if args.profile:
+        label, model_cfg = MODELS[args.models[0]]
+        for k in (1, 3):
+            print(f"\n## profile: {label}, {k} fold(s) stacked, {args.images:,} images x {args.epochs} epoch(s)\n")
+            print("```\n" + profile_folds(model_cfg, train_cfg, x, y, folds[:k], seeds[:k], device) + "\n```")
     return 0
+
+
+def profile_folds(model_cfg: ModelConfig, train_cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, folds: list,
+                  seeds: list[int], device: torch.device) -> str:
+    """One fit_folds run (after an untimed one) under torch.profiler: the top operators and kernels by device
+    time (CPU time on a CPU run)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fit_folds(model_cfg, train_cfg, x, y, folds, seeds, progress=False)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fit_folds(model_cfg, train_cfg, x, y, folds, seeds, progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,9 @@ def _launch(args: list[str], log: Path, **kwargs) -> subprocess.Popen:
 
 
 def _stop(*procs: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-    """``sig`` to each process group at once, then SIGKILL to any group still there after ``timeout``."""
+    """``sig`` to each process group at once, then SIGKILL to any group still there after ``timeout``. A group
+    can outlive its leader: a ``dask worker``'s nanny exits while the worker process it started is still shutting
+    down, so the whole group is waited for, not only the process that was launched."""
     for s in (sig, signal.SIGKILL):
         for proc in procs:
             try:
@@ -59,7 +61,9 @@ def _stop(*procs: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 
                 proc.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 pass
-        if all(proc.poll() is not None for proc in procs):
+        while any(_alive(proc) for proc in procs) and time.time() < deadline:
+            time.sleep(0.1)
+        if not any(_alive(proc) for proc in procs):
             break
     for proc in procs:
         proc.wait(timeout=10)

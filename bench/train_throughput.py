@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--no-batched", action="store_true", help="skip batched folds vs sequential folds")
+    parser.add_argument("--no-fit", action="store_true", help="skip fit vs the bare loop (only the folds)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one batched run of 1 and of 3 folds of the first model (torch.profiler, "
                              "top kernels by device time): what grows with the number of folds")
@@ -141,15 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         params = count_parameters(build_model(model_cfg))
         xs, ys = x[folds[0][0]], y[folds[0][0]]
         few = slice(0, 4 * args.batch_size)
-        variants = {"bare": lambda: bare_loop(model_cfg, train_cfg, xs, ys, device)}
+        modes_timed = {} if args.no_fit else modes
+        variants = {} if args.no_fit else {"bare": lambda: bare_loop(model_cfg, train_cfg, xs, ys, device)}
         warmups = {"bare": lambda: bare_loop(model_cfg, train_cfg, xs[few], ys[few], device)}
-        for mode, cfg in modes.items():
+        for mode, cfg in modes_timed.items():
             variants[f"fit{mode}"] = lambda cfg=cfg: fit(model_cfg, cfg, xs, ys, seed=SEED, progress=False,
                                                          should_stop=stop.is_set)
             warmups[f"fit{mode}"] = lambda cfg=cfg: fit(model_cfg, cfg, xs[few], ys[few], seed=SEED, progress=False)
-        med = interleaved(variants, warmups, args.repeats, device)
+        med = interleaved(variants, warmups, args.repeats, device) if variants else {}
         rate = {name: len(ys) * args.epochs / s for name, s in med.items()}
-        for mode in modes:
+        for mode in modes_timed:
             fit_rows.append(f"| {device.type} | {label}{mode} | {params:,} | {rate['bare']:,.0f} | "
                             f"{rate[f'fit{mode}']:,.0f} | {rate[f'fit{mode}'] / rate['bare']:.2f} |")
             print(fit_rows[-1], file=sys.stderr, flush=True)  # progress; the tables go to stdout at the end
@@ -171,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"{med['batched']:.2f} | {med['batched'] / one:.2f} | "
                              f"{med['sequential'] / med['batched']:.2f} |")
             print(fold_rows[-1], file=sys.stderr, flush=True)
-    print("\n".join(fit_rows))
+    if not args.no_fit:
+        print("\n".join(fit_rows))
     if not args.no_batched:
         print("\n" + "\n".join(fold_rows))
     if args.profile:

@@ -23,14 +23,17 @@ rounding (tests/test_batched.py):
 - validation through each fold's own ViT, whose parameters are views of its row of the stacked weights (no copy),
   with fit's ``evaluate`` in batches of ``eval_batch_size``: the same numbers fit reports.
 
-``train.compile`` is not applied here. On CUDA (``train.cuda_graph=auto``, no dropout) the whole step, the
-augmentation, forward, backward and the Adam update, is captured once as a CUDA graph and replayed for every step:
-the step reads its batch indices, masks and Adam constants from device tensors through a step counter on the
-device, the augmentation generators are registered with the graph (each replay draws anew), so one capture serves
-the whole run, and the GPU sees one launch per step instead of hundreds of kernel launches from Python (the small
-models here are bound by those launches, the 1M-parameter strong one at batch 512 too). ``fit`` takes this path too on CUDA, with k = 1.
-Each run then has its own CUDA stream, so concurrent fold tasks overlap on the GPU. Dropout draws differ from
-``fit``'s (fit's dropout is not seeded either).
+``train.compile`` is not applied here. On CUDA (``train.cuda_graph=auto``, no dropout) the whole step is captured
+once as a CUDA graph and replayed for every step: augmentation, forward, backward and the Adam update.
+- The step reads its batch indices, masks and Adam constants from device tensors, through a step counter on the
+  device, so one capture serves the whole run.
+- The augmentation generators are registered with the graph, so each replay draws anew.
+- The GPU then sees one launch per step instead of hundreds of kernel launches from Python. Those launches bound
+  the small models here, and most likely the 1M-parameter strong one at batch 512 too.
+- ``fit`` takes this path on CUDA as well, with k = 1.
+- Each run has its own CUDA stream, so concurrent fold tasks overlap on the GPU.
+
+Dropout draws differ from ``fit``'s (fit's dropout is not seeded either).
 """
 
 from __future__ import annotations
@@ -169,7 +172,8 @@ class _StepRunner:
 
     def __init__(self, step: Callable[[int], None], state: Sequence[Tensor], generators: Sequence[torch.Generator],
                  device: torch.device, rehearse: bool, desc: str) -> None:
-        self.step, self.graph = step, None
+        self.step, self.graph, self.desc = step, None, desc
+        self._watch: tuple[Sequence[torch.Generator], list[int]] | None = None
         if not rehearse:
             return
         saved = [t.clone() for t in state]
@@ -186,6 +190,8 @@ class _StepRunner:
                                                      capture_error_mode="thread_local"):
                     step(0)
                 self.graph = graph
+                offsets = _offsets(generators)
+                self._watch = (generators, offsets) if offsets else None
         except Exception as exc:  # noqa: BLE001 - any capture failure: train eagerly instead
             warnings.warn(f"{desc}: CUDA graph capture failed ({type(exc).__name__}: {exc}); training eagerly "
                           f"(train.cuda_graph=off skips the attempt)", RuntimeWarning, stacklevel=3)
@@ -205,8 +211,24 @@ class _StepRunner:
     def __call__(self, s: int) -> None:
         if self.graph is None:
             self.step(s)
-        else:
-            self.graph.replay()
+            return
+        self.graph.replay()
+        if self._watch is not None:  # after the first replay: did the augmentation generators move on?
+            generators, before = self._watch
+            self._watch = None
+            if any(a == b for a, b in zip(_offsets(generators), before)):
+                warnings.warn(f"{self.desc}: the captured step's augmentation generators did not advance on "
+                              f"replay, so every step would draw the same augmentation; training the rest "
+                              f"eagerly (train.cuda_graph=off skips the capture)", RuntimeWarning, stacklevel=2)
+                self.graph = None
+
+
+def _offsets(generators: Sequence[torch.Generator]) -> list[int]:
+    """The Philox offsets of CUDA generators (empty where a generator has none, e.g. on the CPU)."""
+    try:
+        return [g.get_offset() for g in generators]
+    except RuntimeError:
+        return []
 
 
 def train_stacked(

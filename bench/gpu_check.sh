@@ -101,7 +101,7 @@ run_study() {  # label, timeout, extra args...
   timing=$(grep -o 'Wall time: .*' "$OUT/$label.log" | tail -1)
   echo "$label | rc=$rc | process wall $(seconds_since "$start")s | $(phases "$start" "$OUT/$label.log") | $acc | $timing" \
     >> "$OUT/table.txt"
-  grep -m2 -o 'CUDA graph capture failed.*' "$OUT/$label.log" | cut -c1-300 >> "$OUT/table.txt"
+  grep -m2 -o -E 'CUDA graph capture failed.*|augmentation generators did not advance.*' "$OUT/$label.log" | cut -c1-300 >> "$OUT/table.txt"
   tail -18 "$OUT/$label.log"
 }
 : > "$OUT/table.txt"

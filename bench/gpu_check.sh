@@ -93,7 +93,7 @@ run_study() {  # label, timeout, extra args...
   local label=$1 limit=$2; shift 2
   local start
   start=$(date +%s.%N)
-  MLFLOW_TRACKING_URI="sqlite:////tmp/mlflow-$label.db" timeout "$limit" "$PYTHON" -m flows.cli run "$@" \
+  MLFLOW_TRACKING_URI="sqlite:////tmp/mlflow-${label%%-*}.db" timeout "$limit" "$PYTHON" -m flows.cli run "$@" \
     > "$OUT/$label.log" 2>&1
   local rc=$?
   local acc timing
@@ -109,7 +109,7 @@ for stage in "${STAGES[@]}"; do
   case "$stage" in
     seed)
       run_study seed-fresh 150 --config "$SEED_CONFIG" --fresh
-      run_study seed-resumed 90 --config "$SEED_CONFIG" ;;  # same study again: every fold from the result store
+      run_study seed-resumed 90 --config "$SEED_CONFIG" ;;  # the second run: same stores, every fold reused
     throughput)
       start=$(date +%s.%N)  # fit vs a bare loop, and 3 batched folds vs 3 sequential ones (stdout: the tables)
       timeout 150 "$PYTHON" bench/train_throughput.py --device "$DEVICE" "${THROUGHPUT_ARGS[@]}" \

@@ -70,7 +70,10 @@ def _blur_matrix(n: int, sigma: float, radius: int, device: torch.device, dtype:
     source = (torch.arange(n, device=device).unsqueeze(1) + offsets).abs()
     source = torch.where(source > n - 1, 2 * (n - 1) - source, source)
     matrix = torch.zeros(n, n, device=device, dtype=dtype)
-    return matrix.scatter_add_(1, source, (taps / taps.sum()).expand(n, -1).contiguous())
+    matrix.scatter_add_(1, source, (taps / taps.sum()).expand(n, -1).contiguous())
+    if matrix.is_cuda:  # cached and shared by runs on other CUDA streams: complete before anyone reads it
+        torch.cuda.current_stream(matrix.device).synchronize()
+    return matrix
 
 
 def random_affine(pixels: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> Tensor:

@@ -143,8 +143,7 @@ def fit_folds(
     """
     if len(folds) == 0 or len(seeds) != len(folds):
         raise ValueError(f"fit_folds needs one seed per fold; got {len(folds)} folds and {len(seeds)} seeds")
-    vals = [{"val": (images[torch.as_tensor(va, dtype=torch.long)], labels[torch.as_tensor(va, dtype=torch.long)])}
-            for _, va in folds]
+    vals = [{"val": (images[va], labels[va])} for va in (torch.as_tensor(va, dtype=torch.long) for _, va in folds)]
     return train_stacked(model_cfg, train_cfg, images, labels, [tr for tr, _ in folds], seeds, vals,
                          callback=callback, should_stop=should_stop, progress=progress, desc=desc)
 
@@ -179,9 +178,11 @@ class _StepRunner:
         saved = [t.clone() for t in state]
         saved_rng = [g.get_state() for g in generators]
         try:
-            for _ in range(WARMUP_STEPS):
-                step(0)
-            self._restore(state, saved, generators, saved_rng)
+            try:
+                for _ in range(WARMUP_STEPS):
+                    step(0)
+            finally:  # a capture runs nothing, so after this the state is where the run starts, whatever happens
+                self._restore(state, saved, generators, saved_rng)
             if device.type == "cuda":
                 graph = torch.cuda.CUDAGraph()
                 for generator in generators:  # the augmentation's own generators: each replay draws anew
@@ -195,8 +196,6 @@ class _StepRunner:
         except Exception as exc:  # noqa: BLE001 - any capture failure: train eagerly instead
             warnings.warn(f"{desc}: CUDA graph capture failed ({type(exc).__name__}: {exc}); training eagerly "
                           f"(train.cuda_graph=off skips the attempt)", RuntimeWarning, stacklevel=3)
-        finally:
-            self._restore(state, saved, [] if self.graph else generators, saved_rng)
 
     @staticmethod
     @torch.no_grad()

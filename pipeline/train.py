@@ -140,7 +140,7 @@ def fit(
 
     Deterministic on CPU for a given ``seed`` (weights and batch order both derive from it). ``should_stop`` is
     polled before every batch; when it returns True, TrainingAborted is raised. On CUDA with
-    ``train.cuda_graph=auto`` (and no compile, augmentation or dropout) the steps run as a replayed CUDA graph
+    ``train.cuda_graph=auto`` (and no compile or dropout) the steps run as a replayed CUDA graph
     (``pipeline.batched.train_stacked``).
     """
     seed = train_cfg.seed if seed is None else seed

@@ -2,10 +2,11 @@
 
 Each fold's ViT is built as ``pipeline.train.fit`` builds it (``build_model(cfg, seed=seeds[i])``); their parameters
 are laid side by side in one ``(k, P)`` tensor, and one training step advances all k: the folds' batches are stacked
-into ``(k, batch, 1, 28, 28)`` and the forward pass is ``torch.func.vmap(functional_call)`` over the fold axis. On
-a GPU, where the seed model's steps are bound by kernel launches, this makes k small steps one step of k times the
-work. On CPU it gains nothing: about as fast as sequential folds for the seed model, slower for wider models (the
-attention kernel has no vmap rule there and runs once per fold; figures in bench/README.md).
+into ``(k, batch, 1, 28, 28)`` and ``stacked_forward`` runs the k ViTs with batched weights: each linear layer is one
+batched matrix product over the fold axis, attention one ``scaled_dot_product_attention`` call over k x batch
+sequences. A step of k folds thus launches the kernels of one fold's step, each k times larger. On a GPU, where the
+seed model's steps are bound by kernel launches, that makes k small steps one step. On CPU, where the work is
+arithmetic, it is about as fast as sequential folds (figures in bench/README.md).
 
 Every fold sees what ``fit`` would show it, so on CPU the batched folds reproduce sequential ``fit`` calls to float
 rounding (tests/test_batched.py):
@@ -50,21 +51,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import functional_call, vmap
 from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
 from pipeline.augment import augment
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.model import Attention, ViT, build_model
+from pipeline.model import ViT, build_model, patchify
 from pipeline.train import (FitResult, TrainingAborted, TrainingDiverged, evaluate, lr_factor, resolve_device,
                             to_pixels)
 
 FoldCallback = Callable[[int, int, dict[str, float]], None]
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, which fit uses
-
-# CPU attention has no vmap rule; PyTorch then runs it once per fold and says so on every first call.
-warnings.filterwarnings("ignore", message=r".*batching rule for aten::_scaled_dot_product", category=UserWarning)
 
 
 @dataclass
@@ -112,9 +109,58 @@ def _step_table(cfg: TrainConfig, steps: list[int], device: torch.device) -> _St
                          for name, values in rows.items()})
 
 
-def _stacked_forward(template: ViT) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
-    """(parameters stacked on dim 0, batches stacked on dim 0) -> logits (k, batch, classes)."""
-    return vmap(lambda params, x: functional_call(template, params, (x,)), randomness="different")
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """k linear layers at once: x (k, ..., in), weight (k, out, in), bias (k, out) -> (k, ..., out); one batched
+    matrix product over the fold axis, each fold's rows through its own weights."""
+    k = x.shape[0]
+    rows = x.reshape(k, -1, x.shape[-1])
+    out = (torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2)) if bias is not None
+           else torch.bmm(rows, weight.transpose(1, 2)))
+    return out.view(*x.shape[:-1], weight.shape[1])
+
+
+def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """k LayerNorms over the last axis: x (k, ..., d), weight and bias (k, d)."""
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+    return torch.addcmul(bias.view(shape), F.layer_norm(x, x.shape[-1:], eps=eps), weight.view(shape))
+
+
+def stacked_forward(template: ViT, params: dict[str, Tensor], pixels: Tensor) -> Tensor:
+    """``ViT.forward`` of k models at once, with batched weights: ``params`` maps each of ``template``'s parameter
+    names to the k models' values stacked on dim 0, ``pixels`` (k, B, C, H, W) -> logits (k, B, classes).
+
+    Every linear layer is one batched matrix product over the k models and attention is one
+    ``scaled_dot_product_attention`` call over k * B sequences, so a step of k models launches the kernels of one
+    model's step. ``template`` supplies the structure, buffers and parameter-free modules (GELU, dropout); its own
+    weights are not read. tests/test_batched.py checks this against ``ViT.forward`` for each model's weights."""
+    cfg = template.cfg
+    k, b = pixels.shape[:2]
+
+    def linear(x: Tensor, name: str) -> Tensor:
+        return _linear(x, params[f"{name}.weight"], params.get(f"{name}.bias"))
+
+    def norm(x: Tensor, name: str, module: torch.nn.LayerNorm) -> Tensor:
+        return _layer_norm(x, params[f"{name}.weight"], params[f"{name}.bias"], module.eps)
+
+    x = (pixels.flatten(0, 1) - template.pixel_mean) / template.pixel_std
+    x = linear(patchify(x, cfg.patch_size).view(k, b, template.num_patches, -1), "patch_embed")
+    x = torch.cat([params["cls_token"].view(k, 1, 1, cfg.dim).expand(k, b, 1, cfg.dim), x], dim=2)
+    pos = params["pos_embed"] if "pos_embed" in params else template.pos_embed  # learned (k, 1, T, d) or fixed
+    x = template.dropout(x + pos)
+    tokens, heads = x.shape[2], cfg.heads
+    for i, block in enumerate(template.blocks):
+        name = f"blocks.{i}"
+        qkv = linear(norm(x, f"{name}.norm1", block.norm1), f"{name}.attn.qkv")
+        q, key, v = qkv.view(k * b, tokens, 3, heads, cfg.dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        p = block.attn.dropout if template.training else 0.0
+        attended = F.scaled_dot_product_attention(q, key, v, dropout_p=p)  # (k * B, heads, T, d_head)
+        attended = attended.transpose(1, 2).reshape(k, b, tokens, cfg.dim)
+        if cfg.attn_out_proj:
+            attended = linear(attended, f"{name}.attn.proj")
+        x = x + attended
+        hidden = block.mlp[2](block.mlp[1](linear(norm(x, f"{name}.norm2", block.norm2), f"{name}.mlp.0")))
+        x = x + block.mlp[4](linear(hidden, f"{name}.mlp.3"))
+    return linear(norm(x[:, :, 0], "norm", template.norm), "head")
 
 
 def fit_folds(
@@ -294,9 +340,6 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
 
     models = [build_model(model_cfg, seed=seed).to(device) for seed in seeds]
     template = copy.deepcopy(models[0])  # structure and buffers for the stacked forward; its own weights unused
-    for module in template.modules():  # attention written out: the fused CUDA kernels fail under vmap
-        if isinstance(module, Attention):
-            module.explicit = True
     names = [name for name, _ in template.named_parameters()]
     shapes = [p.shape for p in template.parameters()]
     numels = [p.numel() for p in template.parameters()]
@@ -306,7 +349,6 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
             p.data = piece.view(shape)
     exp_avg, exp_avg_sq = torch.zeros_like(weights), torch.zeros_like(weights)
     table = _step_table(train_cfg, steps, device)
-    forward = _stacked_forward(template)
 
     images, labels = images.to(device), labels.to(device)
     evals = [{name: (x.to(device), y.to(device)) for name, (x, y) in sets.items()} for sets in eval_sets]
@@ -343,7 +385,7 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
         params = {name: piece.view(k, *shape) for name, piece, shape in zip(names, weights.split(numels, dim=1),
                                                                              shapes)}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graph):
-            logits = forward(params, x).float()
+            logits = stacked_forward(template, params, x).float()
             per_sample = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none",
                                          label_smoothing=train_cfg.label_smoothing).view(k, -1)
         loss = per_sample.masked_fill(~mask, 0.0).sum(1) / n_real.clamp(min=1)  # each fold's mean loss

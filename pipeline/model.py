@@ -42,10 +42,6 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim) if out_proj else nn.Identity()
-        # softmax(QK^T/sqrt(d))V written out instead of the fused kernel: pipeline.batched sets it on its stacked
-        # template, since under vmap the CUDA memory-efficient kernel's backward fails ("LSE is not correctly
-        # aligned"); the same arithmetic as SDPA's math path. Not saved or exported: models train and export fused.
-        self.explicit = False
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, t, d = x.shape
@@ -55,12 +51,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
         q, k, v = self._split(x)
-        p = self.dropout if self.training else 0.0
-        if self.explicit:
-            weights = torch.softmax(q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5), dim=-1)
-            out = F.dropout(weights, p) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(b, t, d))
 
     def attention_weights(self, x: Tensor) -> Tensor:

@@ -3,13 +3,12 @@
 import pytest
 import torch
 
-from pipeline.batched import fit_folds, graph_wanted, train_stacked
+from pipeline.batched import fit_folds, graph_wanted, stacked_forward, train_stacked
 from pipeline.config import AugmentConfig, ModelConfig, TrainConfig
 from pipeline.data import stratified_folds
-from pipeline.train import TrainingAborted, TrainingDiverged, fit, predict_logits
+from pipeline.model import build_model
+from pipeline.train import TrainingAborted, TrainingDiverged, fit, predict_logits, to_pixels
 
-# CPU attention has no vmap rule (PyTorch runs it once per fold and says so); pipeline.batched expects that.
-pytestmark = pytest.mark.filterwarnings("ignore:.*not yet implemented the batching rule for aten:UserWarning")
 SEEDS = [1000, 2000, 3000]
 MODEL = ModelConfig(depth=2, mlp_hidden=16, pos_base=100)
 
@@ -55,6 +54,30 @@ def assert_same_training(expected, got, x, folds):
         images = x[val]
         assert torch.allclose(predict_logits(a.model, images, 4096, torch.device("cpu")),
                               predict_logits(b.model, images, 4096, torch.device("cpu")), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [
+    MODEL,
+    ModelConfig(dim=16, heads=4, depth=3, mlp_hidden=32, attn_out_proj=True, pos_embedding="learned"),
+    ModelConfig(dim=12, heads=3, depth=1, mlp_hidden=8, patch_size=7, pos_base=100, input_mean=0.1307,
+                input_std=0.3081),
+], ids=["seed-like", "out-proj-learned-positions", "patch-7"])
+def test_stacked_forward_is_each_models_forward(cfg, mnist):
+    """The batched-weights forward of k models equals ViT.forward with each model's own weights, and so do the
+    gradients it gives each model's weights."""
+    models = [build_model(cfg, seed=seed) for seed in SEEDS]
+    pixels = torch.stack([to_pixels(mnist.train_images[i * 32:(i + 1) * 32]) for i in range(len(models))])
+    names = [name for name, _ in models[0].named_parameters()]
+    params = {name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).requires_grad_()
+              for name in names}
+    got = stacked_forward(models[0], params, pixels)
+    got.square().sum().backward()
+    for i, model in enumerate(models):
+        expected = model(pixels[i])
+        assert torch.allclose(got[i], expected, rtol=0, atol=1e-5), (got[i] - expected).abs().max()
+        expected.square().sum().backward()
+        for name, p in model.named_parameters():
+            assert torch.allclose(params[name].grad[i], p.grad, rtol=1e-4, atol=1e-5), name
 
 
 def test_batched_folds_equal_sequential_fits(subset):

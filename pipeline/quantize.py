@@ -90,9 +90,14 @@ def throughput(clf: OnnxClassifier, pixels: np.ndarray, batch_size: int = 1024, 
 
 
 def compare(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, images: np.ndarray, labels: np.ndarray,
-            batch_size: int = 1024, threads: int | None = None, repeats: int = 3) -> dict[str, Any]:
+            batch_size: int = 1024, threads: int | None = None, repeats: int = 3,
+            timing_images: int | None = 4096) -> dict[str, Any]:
     """fp32 vs int8 on the same test images, both on CPU with the same thread count: accuracy, the drop
     (fp32 - int8, in accuracy points), how often they agree, file sizes (KiB) and throughput (images/s).
+
+    Accuracy and agreement are over all ``images``; throughput is the best of ``repeats`` passes over the first
+    ``timing_images`` of them (None: all). 4096 images are four full batches of 1024, enough for a steady rate,
+    at 40% of the cost of timing all 10,000 test images three times per model.
 
     ``images``: uint8 (N, 28, 28) / (N, 1, 28, 28) or float pixels in [0, 1]."""
     pixels = np.asarray(images)
@@ -106,10 +111,11 @@ def compare(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, images: 
         predictions[name] = clf.predict(pixels, batch_size)
         out[f"{name}_test_accuracy"] = float((predictions[name] == labels).mean())
         out[f"{name}_size_kb"] = path.stat().st_size / 1024
-        out[f"{name}_images_per_second"] = throughput(clf, pixels, batch_size, repeats)
+        out[f"{name}_images_per_second"] = throughput(clf, pixels[:timing_images], batch_size, repeats)
     out["int8_accuracy_drop"] = out["fp32_test_accuracy"] - out["int8_test_accuracy"]
     out["int8_agreement"] = float((predictions["fp32"] == predictions["int8"]).mean())
     out["int8_speedup"] = out["int8_images_per_second"] / out["fp32_images_per_second"]
     out["test_images"] = len(labels)
+    out["timing_images"] = len(pixels[:timing_images])
     out["provider"] = "CPUExecutionProvider"
     return out

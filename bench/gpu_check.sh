@@ -89,6 +89,27 @@ begin, stop = at("Beginning flow run"), at("Stopping temporary server", last=Tru
 print("before flow " + (f"{begin - start:.1f}s" if begin else "?") + ", after it " + (f"{end - stop:.1f}s" if stop else "?"))
 EOF
 }
+progress() {  # MLflow DB: how far a study that did not finish got (runs, epochs, errors), from its SQLite file
+  "$PYTHON" - "$1" <<'EOF'
+import sqlite3, sys
+try:
+    db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+    runs = db.execute("select run_uuid, name, status, start_time, end_time from runs order by start_time").fetchall()
+except sqlite3.Error as exc:
+    print(f"  progress: no MLflow store to read ({exc})"); sys.exit()
+def series(run, key):
+    return [v for _, v in db.execute("select step, value from metrics where run_uuid = ? and key = ? order by step",
+                                     (run, key)).fetchall()]
+t0 = runs[0][3] if runs else 0
+for run, name, status, start, end in runs:
+    errors = series(run, "test_error") or series(run, "val_error")
+    seconds = series(run, "epoch_seconds")
+    if not errors:
+        continue
+    print(f"  progress: {name} {status} from {(start - t0) / 1000:.0f} s: {len(errors)} epoch(s), last error "
+          f"{errors[-1]:.4f}, best {min(errors):.4f}, {sum(seconds) / max(len(seconds), 1):.2f} s/epoch")
+EOF
+}
 run_study() {  # label, timeout, extra args...
   local label=$1 limit=$2; shift 2
   local start
@@ -102,6 +123,7 @@ run_study() {  # label, timeout, extra args...
   echo "$label | rc=$rc | process wall $(seconds_since "$start")s | $(phases "$start" "$OUT/$label.log") | $acc | $timing" \
     >> "$OUT/table.txt"
   grep -m2 -o -E 'CUDA graph capture failed.*|augmentation generators did not advance.*' "$OUT/$label.log" | cut -c1-300 >> "$OUT/table.txt"
+  [ "$rc" != 0 ] && progress "/tmp/mlflow-${label%%-*}.db" | tail -8 >> "$OUT/table.txt"
   tail -18 "$OUT/$label.log"
 }
 : > "$OUT/table.txt"
@@ -123,7 +145,7 @@ for stage in "${STAGES[@]}"; do
         >> "$OUT/throughput.md" 2>> "$OUT/throughput.log"
       echo "folds-5-epochs | rc=$? | process wall $(seconds_since "$start")s" >> "$OUT/table.txt" ;;
     strong)
-      run_study strong 540 --config strong --fresh "${STRONG_SET[@]}" ;;
+      run_study strong 500 --config strong --fresh "${STRONG_SET[@]}" ;;  # the call's 600 s include the set-up
   esac
 done
 

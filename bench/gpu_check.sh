@@ -122,7 +122,7 @@ run_study() {  # label, timeout, extra args...
   timing=$(grep -o 'Wall time: .*' "$OUT/$label.log" | tail -1)
   echo "$label | rc=$rc | process wall $(seconds_since "$start")s | $(phases "$start" "$OUT/$label.log") | $acc | $timing" \
     >> "$OUT/table.txt"
-  grep -m2 -o -E 'CUDA graph capture failed.*|augmentation generators did not advance.*' "$OUT/$label.log" | cut -c1-300 >> "$OUT/table.txt"
+  grep -m3 -o -E 'CUDA graph capture failed.*|augmentation generators did not advance.*|fused attention kernel failed.*' "$OUT/$label.log" | cut -c1-300 >> "$OUT/table.txt"
   [ "$rc" != 0 ] && progress "/tmp/mlflow-${label%%-*}.db" | tail -8 >> "$OUT/table.txt"
   tail -18 "$OUT/$label.log"
 }

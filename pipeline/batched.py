@@ -125,14 +125,19 @@ def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     return torch.addcmul(bias.view(shape), F.layer_norm(x, x.shape[-1:], eps=eps), weight.view(shape))
 
 
-def stacked_forward(template: ViT, params: dict[str, Tensor], pixels: Tensor) -> Tensor:
+def stacked_forward(template: ViT, params: dict[str, Tensor], pixels: Tensor, *,
+                    explicit_attention: bool = False) -> Tensor:
     """``ViT.forward`` of k models at once, with batched weights: ``params`` maps each of ``template``'s parameter
     names to the k models' values stacked on dim 0, ``pixels`` (k, B, C, H, W) -> logits (k, B, classes).
 
     Every linear layer is one batched matrix product over the k models and attention is one
     ``scaled_dot_product_attention`` call over k * B sequences, so a step of k models launches the kernels of one
     model's step. ``template`` supplies the structure, buffers and parameter-free modules (GELU, dropout); its own
-    weights are not read. tests/test_batched.py checks this against ``ViT.forward`` for each model's weights."""
+    weights are not read. tests/test_batched.py checks this against ``ViT.forward`` for each model's weights.
+
+    ``explicit_attention`` writes attention out as softmax(QK^T / sqrt(d_head)) V, the arithmetic of SDPA's math
+    path, for when the fused kernel fails (``train_stacked`` falls back to it; an earlier ``vmap`` version of this
+    forward hit "LSE is not correctly aligned" in CUDA's memory-efficient backward)."""
     cfg = template.cfg
     k, b = pixels.shape[:2]
 
@@ -153,7 +158,11 @@ def stacked_forward(template: ViT, params: dict[str, Tensor], pixels: Tensor) ->
         qkv = linear(norm(x, f"{name}.norm1", block.norm1), f"{name}.attn.qkv")
         q, key, v = qkv.view(k * b, tokens, 3, heads, cfg.dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
         p = block.attn.dropout if template.training else 0.0
-        attended = F.scaled_dot_product_attention(q, key, v, dropout_p=p)  # (k * B, heads, T, d_head)
+        if explicit_attention:
+            scores = torch.softmax(q @ key.transpose(-2, -1) * (q.shape[-1] ** -0.5), dim=-1)
+            attended = F.dropout(scores, p) @ v
+        else:
+            attended = F.scaled_dot_product_attention(q, key, v, dropout_p=p)  # (k * B, heads, T, d_head)
         attended = attended.transpose(1, 2).reshape(k, b, tokens, cfg.dim)
         if cfg.attn_out_proj:
             attended = linear(attended, f"{name}.attn.proj")
@@ -211,34 +220,36 @@ class _StepRunner:
 
     Capture follows PyTorch's whole-network recipe: a few eager warm-up steps on the (side) stream the run uses,
     then one capture; the warm-up's effect on ``state`` (weights, Adam moments, counters) is undone, so the run
-    is the same sequence of steps as the eager one. On the CPU, ``rehearse=True`` does the warm-up and the restore
-    without a capture (what the tests can check without a GPU). A failed capture falls back to eager steps with a
-    warning naming the error and ``train.cuda_graph=off``."""
+    is the same sequence of steps as the eager one. ``warm_up`` without ``capture`` does the warm-up and the
+    restore only: on CUDA, a probe of the step before training starts; on the CPU, what the tests can check of the
+    captured path without a GPU. A warm-up step that fails raises (with the state restored); a failed capture falls
+    back to eager steps with a warning naming the error and ``train.cuda_graph=off``."""
 
     def __init__(self, step: Callable[[int], None], state: Sequence[Tensor], generators: Sequence[torch.Generator],
-                 device: torch.device, rehearse: bool, desc: str) -> None:
+                 device: torch.device, warm_up: bool, capture: bool, desc: str) -> None:
         self.step, self.graph, self.desc = step, None, desc
         self._watch: tuple[Sequence[torch.Generator], list[int]] | None = None
-        if not rehearse:
+        if not warm_up:
             return
         saved = [t.clone() for t in state]
         saved_rng = [g.get_state() for g in generators]
+        try:  # an error here is the step's own, captured or not: it propagates (train_stacked may retry)
+            for _ in range(WARMUP_STEPS):
+                step(0)
+        finally:  # a capture runs nothing, so after this the state is where the run starts, whatever happens
+            self._restore(state, saved, generators, saved_rng)
+        if not capture:
+            return
         try:
-            try:
-                for _ in range(WARMUP_STEPS):
-                    step(0)
-            finally:  # a capture runs nothing, so after this the state is where the run starts, whatever happens
-                self._restore(state, saved, generators, saved_rng)
-            if device.type == "cuda":
-                graph = torch.cuda.CUDAGraph()
-                for generator in generators:  # the augmentation's own generators: each replay draws anew
-                    graph.register_generator_state(generator)
-                with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=torch.cuda.current_stream(),
-                                                     capture_error_mode="thread_local"):
-                    step(0)
-                self.graph = graph
-                offsets = _offsets(generators)
-                self._watch = (generators, offsets) if offsets else None
+            graph = torch.cuda.CUDAGraph()
+            for generator in generators:  # the augmentation's own generators: each replay draws anew
+                graph.register_generator_state(generator)
+            with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=torch.cuda.current_stream(),
+                                                 capture_error_mode="thread_local"):
+                step(0)
+            self.graph = graph
+            offsets = _offsets(generators)
+            self._watch = (generators, offsets) if offsets else None
         except Exception as exc:  # noqa: BLE001 - any capture failure: train eagerly instead
             warnings.warn(f"{desc}: CUDA graph capture failed ({type(exc).__name__}: {exc}); training eagerly "
                           f"(train.cuda_graph=off skips the attempt)", RuntimeWarning, stacklevel=3)
@@ -385,7 +396,7 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
         params = {name: piece.view(k, *shape) for name, piece, shape in zip(names, weights.split(numels, dim=1),
                                                                              shapes)}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graph):
-            logits = stacked_forward(template, params, x).float()
+            logits = stacked_forward(template, params, x, explicit_attention=explicit).float()
             per_sample = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none",
                                          label_smoothing=train_cfg.label_smoothing).view(k, -1)
         loss = per_sample.masked_fill(~mask, 0.0).sum(1) / n_real.clamp(min=1)  # each fold's mean loss
@@ -396,6 +407,23 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
             loss_sum.add_(loss.detach() * n_real)
             wrong.add_(((logits.detach().argmax(-1) != y) & mask).sum(1))
             counter.add_(1)
+
+    explicit = False  # attention written out instead of the fused kernel: the fallback when a warm-up step fails
+
+    def make_runner() -> _StepRunner:
+        """The step runner, after its warm-up steps (on CUDA always; there they also probe the fused kernels).
+        If a warm-up step fails, once more with attention written out, the arithmetic of SDPA's math path."""
+        nonlocal explicit
+        args = (step, [weights, exp_avg, exp_avg_sq, counter, loss_sum, wrong], augmenters or [], device,
+                graph or device.type == "cuda", graph and device.type == "cuda", desc)
+        try:
+            return _StepRunner(*args)
+        except RuntimeError as exc:
+            explicit = True
+            warnings.warn(f"{desc}: a training step with PyTorch's fused attention kernel failed "
+                          f"({type(exc).__name__}: {str(exc)[:300]}); training with attention written out "
+                          f"(softmax(QK^T/sqrt(d))V) instead", RuntimeWarning, stacklevel=2)
+            return _StepRunner(*args)
 
     histories: list[list[dict[str, float]]] = [[] for _ in range(k)]
     runner: _StepRunner | None = None
@@ -410,8 +438,7 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
                 epoch_order[f, :sizes[f]] = train_idx[f][torch.randperm(sizes[f], generator=shufflers[f])]
             order.copy_(epoch_order.view(k, per_epoch, bs))
             if runner is None:  # after the first epoch's batches are in place: the warm-up steps train on them
-                runner = _StepRunner(step, [weights, exp_avg, exp_avg_sq, counter, loss_sum, wrong],
-                                     augmenters or [], device, graph, desc)
+                runner = make_runner()
             loss_sum.zero_()
             wrong.zero_()
             for s in range(per_epoch):

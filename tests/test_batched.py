@@ -135,6 +135,29 @@ def test_graph_path_rehearsed_on_cpu_trains_as_the_eager_path(subset):
     assert_same_training(sequential(cfg, x, y, folds), got, x, folds)
 
 
+def test_a_failing_fused_attention_kernel_falls_back_to_written_out_attention(subset, monkeypatch):
+    """A training step whose fused attention kernel fails (as CUDA's memory-efficient backward once did under an
+    earlier vmap version of the stacked step) is retried with attention written out: a warning naming the error,
+    then the same training. Fault injection: SDPA raises whenever gradients are on (training, not evaluation)."""
+    x, y, folds = subset
+    cfg = TrainConfig(epochs=1, batch_size=128, device="cpu")
+    vals = [{"val": (x[va], y[va])} for _, va in folds]
+    expected = sequential(cfg, x, y, folds)
+    fused = torch.nn.functional.scaled_dot_product_attention
+
+    def failing(*args, **kwargs):
+        if torch.is_grad_enabled():
+            raise RuntimeError("LSE is not correctly aligned (strideH)")
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", failing)
+    with pytest.warns(RuntimeWarning, match=r"fused attention kernel failed \(RuntimeError: LSE is not correctly"):
+        got = train_stacked(MODEL, cfg, x, y, [tr for tr, _ in folds], SEEDS, vals, progress=False, graph=True)
+    assert_same_training(expected, got, x, folds)
+    with pytest.raises(RuntimeError, match="LSE is not correctly aligned"):  # no warm-up to retry from
+        train_stacked(MODEL, cfg, x, y, [tr for tr, _ in folds], SEEDS, vals, progress=False, graph=False)
+
+
 def test_one_stacked_model_is_fit_with_padded_last_batch(subset):
     """fit on CUDA runs as train_stacked with k = 1 (the captured step needs one batch shape: the last batch is
     padded with zero-weight samples). 1000 images in batches of 96: 11 steps, the last of 40 images."""

@@ -24,6 +24,9 @@ $(BIN)/vitflow: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# Prefect's local database (PREFECT_HOME), created now rather than by the first study's temporary API server:
+	@# its migrations cost that study ~5 s on 2 cores. Already up to date: a no-op.
+	$(BIN)/python -m prefect server database upgrade -y > /dev/null
 	@touch $@
 
 install: $(BIN)/vitflow

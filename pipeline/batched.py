@@ -418,6 +418,8 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
                 graph or device.type == "cuda", graph and device.type == "cuda", desc)
         try:
             return _StepRunner(*args)
+        except torch.OutOfMemoryError:
+            raise  # written-out attention needs more memory, not less
         except RuntimeError as exc:
             explicit = True
             warnings.warn(f"{desc}: a training step with PyTorch's fused attention kernel failed "

@@ -126,7 +126,8 @@ run_study() {  # label, timeout, extra args...
   echo "$label | rc=$rc | process wall $(seconds_since "$start")s | $(phases "$start" "$OUT/$label.log") | $acc | $timing" \
     >> "$OUT/table.txt"
   grep -m3 -o -E 'CUDA graph capture failed.*|augmentation generators did not advance.*|fused attention kernel failed.*' "$OUT/$label.log" | cut -c1-300 >> "$OUT/table.txt"
-  [ "$rc" != 0 ] && progress "/tmp/mlflow-${label%%-*}.db" | tail -8 >> "$OUT/table.txt"
+  # unfinished: how far it got; the strong preset: its runs' errors and epoch times even when it finished
+  if [ "$rc" != 0 ] || [ "$label" = strong ]; then progress "/tmp/mlflow-${label%%-*}.db" | tail -8 >> "$OUT/table.txt"; fi
   tail -18 "$OUT/$label.log"
 }
 : > "$OUT/table.txt"

@@ -109,8 +109,9 @@ for run, name, status, start, end in runs:
     seconds = series(run, "epoch_seconds")
     if not errors:
         continue
-    print(f"  progress: {name} {status} from {(start - t0) / 1000:.0f} s: {len(errors)} epoch(s), last error "
-          f"{errors[-1]:.4f}, best {min(errors):.4f}, {sum(seconds) / max(len(seconds), 1):.2f} s/epoch")
+    print(f"  progress: {name} {status} from {(start - t0) / 1000:.0f} s: {len(errors)} epoch(s), error of the "
+          f"last {min(len(errors), 4)}: {' '.join(f'{e:.4f}' for e in errors[-4:])}, best {min(errors):.4f}, "
+          f"{sum(seconds) / max(len(seconds), 1):.2f} s/epoch")
 EOF
 }
 run_study() {  # label, timeout, extra args...

@@ -21,8 +21,9 @@ rounding (tests/test_batched.py):
   and per-fold step counts, learning rates (``pipeline.train.lr_factor`` on the fold's own step count) and bias
   corrections. ``torch.optim.Adam`` keeps one step count per tensor, so it cannot let one fold skip a step;
 - gradient clipping by each fold's own global norm; label smoothing; bf16 autocast on CUDA;
-- validation through each fold's own ViT, whose parameters are views of its row of the stacked weights (no copy),
-  with fit's ``evaluate`` in batches of ``eval_batch_size``: the same numbers fit reports.
+- validation of all k folds in one stacked forward pass per chunk of ``eval_batch_size`` images (each fold's set
+  padded to the longest, the padding masked out): the loss and error fit's ``evaluate`` reports, to float rounding.
+  Each fold's ViT in the result holds its row of the stacked weights.
 
 ``train.compile`` is not applied here. On CUDA (``train.cuda_graph=auto``, no dropout) the whole step is captured
 once as a CUDA graph and replayed for every step: augmentation, forward, backward and the Adam update.
@@ -170,6 +171,53 @@ def stacked_forward(template: ViT, params: dict[str, Tensor], pixels: Tensor, *,
         hidden = block.mlp[2](block.mlp[1](linear(norm(x, f"{name}.norm2", block.norm2), f"{name}.mlp.0")))
         x = x + block.mlp[4](linear(hidden, f"{name}.mlp.3"))
     return linear(norm(x[:, :, 0], "norm", template.norm), "head")
+
+
+def _stack_eval_sets(eval_sets: Sequence[dict[str, tuple[Tensor, Tensor]]], device: torch.device
+                     ) -> dict[str, tuple[Tensor, Tensor, Tensor, list[int]]] | None:
+    """The k models' evaluation sets of each name side by side, padded to the longest: name -> (images (k, n, ...),
+    labels (k, n), real (k, n), sizes). None when the models' sets do not have the same names."""
+    names = list(eval_sets[0])
+    if any(list(sets) != names for sets in eval_sets):
+        return None
+    stacked = {}
+    for name in names:
+        sizes = [len(sets[name][1]) for sets in eval_sets]
+        first = eval_sets[0][name][0]
+        images = torch.zeros((len(eval_sets), max(sizes), *first.shape[1:]), dtype=first.dtype, device=device)
+        labels = torch.zeros((len(eval_sets), max(sizes)), dtype=torch.long, device=device)
+        for f, sets in enumerate(eval_sets):
+            x, y = sets[name]
+            images[f, :len(y)], labels[f, :len(y)] = x.to(device), y.to(device)
+        real = torch.arange(max(sizes), device=device) < torch.tensor(sizes, device=device).unsqueeze(1)
+        stacked[name] = (images, labels, real, sizes)
+    return stacked
+
+
+@torch.inference_mode()
+def _evaluate_stacked(template: ViT, params: dict[str, Tensor], images: Tensor, labels: Tensor, real: Tensor,
+                      sizes: list[int], batch_size: int) -> tuple[list[float], list[float]]:
+    """(mean cross-entropy, misclassification error) of each of the k models on its own padded set, as
+    ``pipeline.train.evaluate`` computes them (eval mode, float32, no label smoothing), in one stacked forward
+    pass per chunk of ``batch_size`` images in all (``batch_size // k`` per model), with one sync at the end."""
+    k, n = labels.shape
+    chunk = max(1, batch_size // k)
+    loss_sum = torch.zeros(k, device=labels.device)
+    wrong = torch.zeros(k, dtype=torch.long, device=labels.device)
+    was_training = template.training
+    template.eval()
+    try:
+        for i in range(0, n, chunk):
+            logits = stacked_forward(template, params, to_pixels(images[:, i:i + chunk])).float()
+            y, mask = labels[:, i:i + chunk], real[:, i:i + chunk]
+            per_sample = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(k, -1)
+            loss_sum += per_sample.masked_fill(~mask, 0.0).sum(1)
+            wrong += ((logits.argmax(-1) != y) & mask).sum(1)
+    finally:
+        template.train(was_training)
+    losses, errors = loss_sum.tolist(), wrong.tolist()
+    return ([total / size if size else float("nan") for total, size in zip(losses, sizes)],
+            [count / size if size else float("nan") for count, size in zip(errors, sizes)])
 
 
 def fit_folds(
@@ -362,7 +410,10 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
     table = _step_table(train_cfg, steps, device)
 
     images, labels = images.to(device), labels.to(device)
-    evals = [{name: (x.to(device), y.to(device)) for name, (x, y) in sets.items()} for sets in eval_sets]
+    # evaluation: all k models in one stacked pass per chunk; per model (fit's evaluate) if their sets' names differ
+    stacked_evals = _stack_eval_sets(eval_sets, device)
+    evals = [] if stacked_evals is not None else [
+        {name: (x.to(device), y.to(device)) for name, (x, y) in sets.items()} for sets in eval_sets]
     shufflers = [torch.Generator().manual_seed(seed) for seed in seeds]
     augmenters = ([torch.Generator(device=device).manual_seed(seed + 1) for seed in seeds]
                   if train_cfg.augment.active else None)
@@ -457,11 +508,19 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
                                                 f"(train.lr={train_cfg.lr}); lower the learning rate")
                     diverged.fold = f
                     raise diverged
+            evaluated = {}
+            if stacked_evals is not None:
+                current = {name: piece.view(k, *shape) for name, piece, shape in
+                           zip(names, weights.detach().split(numels, dim=1), shapes)}
+                evaluated = {name: _evaluate_stacked(template, current, *stacked, train_cfg.eval_batch_size)
+                             for name, stacked in stacked_evals.items()}
             epoch_metrics = []
             for f in range(k):
                 metrics = {"train_loss": train_loss[f], "train_error": train_error[f],
                            "lr": train_cfg.lr * lr_factor(train_cfg, steps[f])(epoch * steps[f])}
-                for name, (x, y) in evals[f].items():
+                for name, (losses, errors) in evaluated.items():
+                    metrics[f"{name}_loss"], metrics[f"{name}_error"] = losses[f], errors[f]
+                for name, (x, y) in (evals[f].items() if evals else ()):
                     metrics[f"{name}_loss"], metrics[f"{name}_error"] = evaluate(models[f], x, y,
                                                                                  train_cfg.eval_batch_size, device)
                 epoch_metrics.append(metrics)

@@ -92,24 +92,26 @@ begin, stop = at("Beginning flow run"), at("Stopping temporary server", last=Tru
 print("before flow " + (f"{begin - start:.1f}s" if begin else "?") + ", after it " + (f"{end - stop:.1f}s" if stop else "?"))
 EOF
 }
-progress() {  # MLflow DB: how far a study that did not finish got (runs, epochs, errors), from its SQLite file
-  "$PYTHON" - "$1" <<'EOF'
+progress() {  # MLflow DB, start (epoch s): the runs of a study started then (epochs, errors), from its SQLite file
+  "$PYTHON" - "$1" "$2" <<'EOF'
 import sqlite3, sys
+since = int(float(sys.argv[2]) * 1000)
 try:
     db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
-    runs = db.execute("select run_uuid, name, status, start_time, end_time from runs order by start_time").fetchall()
+    runs = db.execute("select run_uuid, name, status, start_time, end_time from runs where start_time >= ? "
+                      "order by start_time", (since,)).fetchall()
 except sqlite3.Error as exc:
     print(f"  progress: no MLflow store to read ({exc})"); sys.exit()
 def series(run, key):
     return [v for _, v in db.execute("select step, value from metrics where run_uuid = ? and key = ? order by step",
                                      (run, key)).fetchall()]
-t0 = runs[0][3] if runs else 0
+t0 = since
 for run, name, status, start, end in runs:
     errors = series(run, "test_error") or series(run, "val_error")
     seconds = series(run, "epoch_seconds")
     if not errors:
         continue
-    print(f"  progress: {name} {status} from {(start - t0) / 1000:.0f} s: {len(errors)} epoch(s), error of the "
+    print(f"  progress: {name} {status} at {(start - t0) / 1000:.0f} s: {len(errors)} epoch(s), error of the "
           f"last {min(len(errors), 4)}: {' '.join(f'{e:.4f}' for e in errors[-4:])}, best {min(errors):.4f}, "
           f"{sum(seconds) / max(len(seconds), 1):.2f} s/epoch")
 EOF
@@ -128,7 +130,7 @@ run_study() {  # label, timeout, extra args...
     >> "$OUT/table.txt"
   grep -m3 -o -E 'CUDA graph capture failed.*|augmentation generators did not advance.*|fused attention kernel failed.*' "$OUT/$label.log" | cut -c1-300 >> "$OUT/table.txt"
   # unfinished: how far it got; the strong preset: its runs' errors and epoch times even when it finished
-  if [ "$rc" != 0 ] || [ "$label" = strong ]; then progress "/tmp/mlflow-${label%%-*}.db" | tail -8 >> "$OUT/table.txt"; fi
+  if [ "$rc" != 0 ] || [ "$label" = strong ]; then progress "/tmp/mlflow-${label%%-*}.db" "$start" | tail -8 >> "$OUT/table.txt"; fi
   tail -18 "$OUT/$label.log"
 }
 : > "$OUT/table.txt"

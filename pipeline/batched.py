@@ -58,8 +58,7 @@ from tqdm.auto import tqdm
 from pipeline.augment import augment
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.model import ViT, build_model, patchify
-from pipeline.train import (FitResult, TrainingAborted, TrainingDiverged, evaluate, lr_factor, resolve_device,
-                            to_pixels)
+from pipeline.train import FitResult, TrainingAborted, TrainingDiverged, lr_factor, resolve_device, to_pixels
 
 FoldCallback = Callable[[int, int, dict[str, float]], None]
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, which fit uses
@@ -174,14 +173,11 @@ def stacked_forward(template: ViT, params: dict[str, Tensor], pixels: Tensor, *,
 
 
 def _stack_eval_sets(eval_sets: Sequence[dict[str, tuple[Tensor, Tensor]]], device: torch.device
-                     ) -> dict[str, tuple[Tensor, Tensor, Tensor, list[int]]] | None:
+                     ) -> dict[str, tuple[Tensor, Tensor, Tensor, list[int]]]:
     """The k models' evaluation sets of each name side by side, padded to the longest: name -> (images (k, n, ...),
-    labels (k, n), real (k, n), sizes). None when the models' sets do not have the same names."""
-    names = list(eval_sets[0])
-    if any(list(sets) != names for sets in eval_sets):
-        return None
+    labels (k, n), real (k, n), sizes). Every model has sets of the same names (``train_stacked`` checks)."""
     stacked = {}
-    for name in names:
+    for name in eval_sets[0]:
         sizes = [len(sets[name][1]) for sets in eval_sets]
         first = eval_sets[0][name][0]
         images = torch.zeros((len(eval_sets), max(sizes), *first.shape[1:]), dtype=first.dtype, device=device)
@@ -352,8 +348,9 @@ def train_stacked(
 ) -> list[FitResult]:
     """k models of one configuration trained as one stacked model: model ``i`` from the weights of ``seeds[i]`` on
     ``images[train_indices[i]]`` (None: all of them), evaluated on its own ``eval_sets[i]`` (name -> (images,
-    labels)) after every epoch; history keys as ``pipeline.train.fit`` reports them. ``fit_folds`` is this with
-    one validation set per fold; ``fit`` on CUDA is this with k = 1 when the step can be a CUDA graph.
+    labels); the same names for every model) after every epoch; history keys as ``pipeline.train.fit`` reports them.
+    ``fit_folds`` is this with one validation set per fold; ``fit`` on CUDA is this with k = 1 when the step can be
+    a CUDA graph.
 
     ``graph``: capture the training step as a CUDA graph (None: ``graph_wanted``). The step then reads every
     per-step value (batch indices, masks, Adam's constants) from device tensors through a step counter on the
@@ -363,6 +360,9 @@ def train_stacked(
     if k == 0 or len(seeds) != k or len(eval_sets) != k:
         raise ValueError(f"train_stacked needs one seed and one evaluation dict per model; got {k} index sets, "
                          f"{len(seeds)} seeds and {len(eval_sets)} evaluation dicts")
+    if any(list(sets) != list(eval_sets[0]) for sets in eval_sets):
+        raise ValueError(f"train_stacked evaluates all models together: every evaluation dict needs the same names; "
+                         f"got {[list(sets) for sets in eval_sets]}")
     device = resolve_device(train_cfg.device)
     graph = graph_wanted(train_cfg, model_cfg, device) if graph is None else graph
     train_idx = [torch.arange(len(labels)) if idx is None else torch.as_tensor(idx, dtype=torch.long)
@@ -409,11 +409,12 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
     exp_avg, exp_avg_sq = torch.zeros_like(weights), torch.zeros_like(weights)
     table = _step_table(train_cfg, steps, device)
 
+    def by_name(stacked: Tensor) -> dict[str, Tensor]:
+        """(k, P) weights -> parameter name -> the k models' values, (k, *shape) views."""
+        return {name: piece.view(k, *shape) for name, piece, shape in zip(names, stacked.split(numels, dim=1), shapes)}
+
     images, labels = images.to(device), labels.to(device)
-    # evaluation: all k models in one stacked pass per chunk; per model (fit's evaluate) if their sets' names differ
-    stacked_evals = _stack_eval_sets(eval_sets, device)
-    evals = [] if stacked_evals is not None else [
-        {name: (x.to(device), y.to(device)) for name, (x, y) in sets.items()} for sets in eval_sets]
+    stacked_evals = _stack_eval_sets(eval_sets, device)  # all k models in one stacked pass per chunk
     shufflers = [torch.Generator().manual_seed(seed) for seed in seeds]
     augmenters = ([torch.Generator(device=device).manual_seed(seed + 1) for seed in seeds]
                   if train_cfg.augment.active else None)
@@ -444,8 +445,7 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
             for f in range(k):
                 if counts[s][f]:
                     x[f, :counts[s][f]] = augment(x[f, :counts[s][f]], train_cfg.augment, augmenters[f])
-        params = {name: piece.view(k, *shape) for name, piece, shape in zip(names, weights.split(numels, dim=1),
-                                                                             shapes)}
+        params = by_name(weights)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graph):
             logits = stacked_forward(template, params, x, explicit_attention=explicit).float()
             per_sample = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none",
@@ -508,21 +508,15 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
                                                 f"(train.lr={train_cfg.lr}); lower the learning rate")
                     diverged.fold = f
                     raise diverged
-            evaluated = {}
-            if stacked_evals is not None:
-                current = {name: piece.view(k, *shape) for name, piece, shape in
-                           zip(names, weights.detach().split(numels, dim=1), shapes)}
-                evaluated = {name: _evaluate_stacked(template, current, *stacked, train_cfg.eval_batch_size)
-                             for name, stacked in stacked_evals.items()}
+            current = by_name(weights.detach())
+            evaluated = {name: _evaluate_stacked(template, current, *stacked, train_cfg.eval_batch_size)
+                         for name, stacked in stacked_evals.items()}
             epoch_metrics = []
             for f in range(k):
                 metrics = {"train_loss": train_loss[f], "train_error": train_error[f],
                            "lr": train_cfg.lr * lr_factor(train_cfg, steps[f])(epoch * steps[f])}
                 for name, (losses, errors) in evaluated.items():
                     metrics[f"{name}_loss"], metrics[f"{name}_error"] = losses[f], errors[f]
-                for name, (x, y) in (evals[f].items() if evals else ()):
-                    metrics[f"{name}_loss"], metrics[f"{name}_error"] = evaluate(models[f], x, y,
-                                                                                 train_cfg.eval_batch_size, device)
                 epoch_metrics.append(metrics)
             seconds = time.perf_counter() - epoch_start
             for f, metrics in enumerate(epoch_metrics):

@@ -204,8 +204,8 @@ def train_fold(study: Study, index: int, fold_index: int, configuration_run_id: 
 def train_folds_batched(study: Study, index: int, configuration_run_id: str,
                         tags: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """All k folds of one configuration trained together as one stacked model (pipeline.batched.fit_folds), one
-    task instead of k (on an H100, 3 folds cost 2.4x one fold: bench/README.md). Each fold still gets its own
-    run with its own per-epoch metrics, and the same result dict as ``train_fold``."""
+    task instead of k (on an H100 the earlier vmap version's 3 folds cost 2.4x one fold: bench/README.md). Each
+    fold still gets its own run with its own per-epoch metrics, and the same result dict as ``train_fold``."""
     from pipeline.batched import fit_folds
 
     study.ensure_data()

@@ -1,29 +1,42 @@
 #!/usr/bin/env bash
 # One-shot check on a machine with one NVIDIA GPU, Python 3.12, torch preinstalled and no package registry.
 #
-#   bench/gpu_check.sh [seed] [throughput] [strong]      # the stages to run, in this order; default: all three
+#   bench/gpu_check.sh                    # every stage, in priority order, within one time budget (one device call)
+#   bench/gpu_check.sh strong seed        # only these stages, in this order
 #
 # Expects (carried beside the checkout, git-ignored): .whl/ from `make wheelhouse` (the wheels the study needs that
 # the machine's image lacks) and .mnist/ with the four MNIST files xz-compressed (`make wheelhouse` writes both).
-# Stages:
-#   seed        the seed study through the flow, fresh, then again resumed (every fold from the result store)
-#   throughput  bench/train_throughput.py on CUDA: fit vs a bare loop, 3 batched folds vs 3 sequential ones
-#   strong      the strong preset (configs/strong.yaml) through the flow
-# seed + throughput take about 3-4 minutes and strong about 5-6, so with a 10-minute limit per device call run
-# them as two calls on the same warm machine: `bench/gpu_check.sh strong`, then `bench/gpu_check.sh seed
-# throughput` (either order; the stage timeouts bound each call). The wheels go to /tmp/site once per machine. Logs and table.txt go to $OUT; the table is printed last.
+# Stages, in the default order (what issue #5 checks first):
+#   strong        the strong preset (configs/strong.yaml) through the flow, fresh
+#   seed          the seed study through the flow, fresh
+#   folds         the seed model's 3 folds stacked vs one after another, 5 epochs as the seed study's CV trains them
+#   throughput    fit vs a bare loop and batched folds over 1 epoch, seed model (bench/train_throughput.py)
+#   strong-tuned  only when strong finished but missed 99.70% or 5 minutes: the strong preset again with as many
+#                 epochs as its measured seconds per epoch fit into 5 minutes (and into the time left)
+#   resumed       the seed study again: every fold from the result store
+#   bigger        fit vs bare loop and batched folds for the dim-64 model
+#   profile       torch.profiler tables of one stacked run of 1 and of 3 folds: which kernels grow with k
+# All of it runs against one budget, GPU_CHECK_BUDGET seconds from the script's start (default 570, for a device
+# call of 600 s): each stage's timeout is its own cap or what is left, and a stage that no longer fits is skipped
+# with a row saying so. The wheels go to /tmp/site once per machine. $OUT gets at most 8 files (what a device call
+# returns): machine.txt, table.txt (a row per stage, then a verdict on the GPU checks from bench/gpu_verdict.py),
+# the four study logs, throughput.md (the bench tables) and throughput.log; the table and the bench tables are
+# printed last.
 #
-# GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU at toy sizes (smoke preset, a 1-epoch strong preset on a
-# subset): a rehearsal of the script itself, e.g. in a Python 3.12 environment that mirrors the GPU machine's
-# image, so that the device time goes to the measurements. PYTHON picks the interpreter (default python3).
+# GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU at toy sizes (smoke preset for the seed study, a 1-epoch strong
+# preset on a subset, a 100 s target for strong-tuned): a rehearsal of the script itself, e.g. in a Python 3.12
+# environment that mirrors the GPU machine's image, so that the device time goes to the measurements. PYTHON picks
+# the interpreter (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+T0=$(date +%s)
 OUT="${OUT:-/tmp/gpu-check}"; mkdir -p "$OUT"
 PYTHON="${PYTHON:-python3}"
 DRY="${GPU_CHECK_DRY_RUN:-0}"
-STAGES=("$@"); [ ${#STAGES[@]} -eq 0 ] && STAGES=(seed throughput strong)
+ALL=(strong seed folds throughput strong-tuned resumed bigger profile)
+STAGES=("$@"); [ ${#STAGES[@]} -eq 0 ] && STAGES=("${ALL[@]}")
 for stage in "${STAGES[@]}"; do
-  case "$stage" in seed|throughput|strong) ;; *) echo "unknown stage '$stage': use seed, throughput, strong" >&2; exit 2;; esac
+  [[ " ${ALL[*]} " == *" $stage "* ]] || { echo "unknown stage '$stage': use ${ALL[*]}" >&2; exit 2; }
 done
 export PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 
@@ -62,20 +75,31 @@ export VITFLOW_DATA_DIR="$DATA" PREFECT_HOME=/tmp/prefect-home VITFLOW_RESULTS_D
   || { tail -20 "$SETUP/prefect-db.log"; exit 1; }
 
 if [ "$DRY" = 1 ]; then
-  DEVICE=cpu; SEED_CONFIG=smoke; THROUGHPUT_ARGS=(--images 2000 --repeats 1 --profile)
-  FOLD_ARGS=(--models seed --images 1000 --epochs 2 --repeats 1)
+  DEVICE=cpu; SEED_CONFIG=smoke; BUDGET="${GPU_CHECK_BUDGET:-1500}"; STRONG_TARGET=100; SCALE=3
+  FIT_ARGS=(--images 2000 --repeats 1); FOLD_EPOCHS=2; FOLD_ARGS=(--images 1000 --repeats 1)
   STRONG_SET=(--set train.epochs=1 --set cv.epochs=1 --set data.train_subset=3000 --set data.test_subset=1000
-              --set train.compile=off --set train.batch_size=128)
-  echo "dry run on the CPU ($(nproc) cores)" > "$OUT/gpu.txt"
+              --set train.batch_size=128)
+  echo "dry run on the CPU ($(nproc) cores)" > "$OUT/machine.txt"
 else
-  DEVICE=cuda; SEED_CONFIG=seed; THROUGHPUT_ARGS=(--images 20000 --repeats 3 --profile); STRONG_SET=()
-  FOLD_ARGS=(--models seed --images 20000 --epochs 5 --repeats 3)
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt"
+  DEVICE=cuda; SEED_CONFIG=seed; BUDGET="${GPU_CHECK_BUDGET:-570}"; STRONG_TARGET=300; SCALE=1
+  FIT_ARGS=(--images 20000 --repeats 3); FOLD_EPOCHS=5; FOLD_ARGS=(--images 20000 --repeats 3); STRONG_SET=()
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/machine.txt"
 fi
-"$PYTHON" -c "import sys, torch, prefect, mlflow, onnx, onnxruntime as o; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'prefect', prefect.__version__, 'mlflow', mlflow.__version__, 'onnx', onnx.__version__, 'ort', o.__version__, o.get_available_providers())" | tee "$OUT/versions.txt"
+"$PYTHON" -c "import sys, torch, prefect, mlflow, onnx, onnxruntime as o; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'prefect', prefect.__version__, 'mlflow', mlflow.__version__, 'onnx', onnx.__version__, 'ort', o.__version__, o.get_available_providers())" | tee -a "$OUT/machine.txt"
 [ "$DEVICE" = cuda ] && ! "$PYTHON" -c "import torch; assert torch.cuda.is_available()" && {
   echo "torch sees no CUDA device: not a GPU check (GPU_CHECK_DRY_RUN=1 rehearses on the CPU)"; exit 1; }
+echo "set-up | $(( $(date +%s) - T0 ))s (wheels, MNIST, Prefect database)" > "$OUT/table.txt"
+: > "$OUT/throughput.md"; : > "$OUT/throughput.log"
 
+left() { echo $(( BUDGET - ($(date +%s) - T0) - 10 )); }  # seconds left for stages (10 s kept for the report)
+fits() {  # label, cap, minimum (GPU seconds; x SCALE in a dry run): prints the stage's timeout, or skips it
+  local cap=$(( $2 * SCALE )) need=$(( $3 * SCALE )) rest
+  rest=$(left)
+  if [ "$rest" -lt "$need" ]; then
+    echo "$1 | skipped: ${rest}s of the budget left, needs ${need}s" >> "$OUT/table.txt"; return 1
+  fi
+  echo $(( rest < cap ? rest : cap ))
+}
 seconds_since() { "$PYTHON" -c "import time; print(f'{time.time() - $1:.1f}')"; }
 phases() {  # start (epoch s), log: seconds before the flow's first log line and after Prefect's server stopped
   "$PYTHON" - "$1" "$2" <<'EOF'
@@ -111,51 +135,82 @@ for run, name, status, start, end in runs:
     seconds = series(run, "epoch_seconds")
     if not errors:
         continue
-    print(f"  progress: {name} {status} at {(start - t0) / 1000:.0f} s: {len(errors)} epoch(s), error of the "
-          f"last {min(len(errors), 4)}: {' '.join(f'{e:.4f}' for e in errors[-4:])}, best {min(errors):.4f}, "
-          f"{sum(seconds) / max(len(seconds), 1):.2f} s/epoch")
+    every = max(1, len(errors) // 10)  # the curve at about 10 points, the last epoch included
+    curve = " ".join(f"{i + 1}:{errors[i]:.4f}" for i in sorted({*range(every - 1, len(errors), every), len(errors) - 1}))
+    print(f"  progress: {name} {status} at {(start - t0) / 1000:.0f} s: {len(errors)} epoch(s), best "
+          f"{min(errors):.4f}, {sum(seconds) / max(len(seconds), 1):.2f} s/epoch; error by epoch {curve}")
 EOF
 }
+STUDY_RC=""; STUDY_WALL=""; STUDY_LOG=""
 run_study() {  # label, timeout, extra args...
   local label=$1 limit=$2; shift 2
   local start
   start=$(date +%s.%N)
   MLFLOW_TRACKING_URI="sqlite:////tmp/mlflow-${label%%-*}.db" timeout "$limit" "$PYTHON" -m flows.cli run "$@" \
     > "$OUT/$label.log" 2>&1
-  local rc=$?
+  STUDY_RC=$?; STUDY_WALL=$(seconds_since "$start"); STUDY_LOG="$OUT/$label.log"
   local acc timing
-  acc=$(grep -o 'Test accuracy (ONNX Runtime, [A-Za-z]*): [0-9.]*%' "$OUT/$label.log" | tail -1)
-  timing=$(grep -o 'Wall time: .*' "$OUT/$label.log" | tail -1)
-  echo "$label | rc=$rc | process wall $(seconds_since "$start")s | $(phases "$start" "$OUT/$label.log") | $acc | $timing" \
+  acc=$(grep -o 'Test accuracy (ONNX Runtime, [A-Za-z]*): [0-9.]*%' "$STUDY_LOG" | tail -1)
+  timing=$(grep -o 'Wall time: .*' "$STUDY_LOG" | tail -1)
+  echo "$label | rc=$STUDY_RC | process wall ${STUDY_WALL}s (limit ${limit}s) | $(phases "$start" "$STUDY_LOG") | $acc | $timing" \
     >> "$OUT/table.txt"
-  grep -m3 -o -E 'CUDA graph capture failed.*|augmentation generators did not advance.*|fused attention kernel failed.*' "$OUT/$label.log" | cut -c1-300 >> "$OUT/table.txt"
-  # unfinished: how far it got; the strong preset: its runs' errors and epoch times even when it finished
-  if [ "$rc" != 0 ] || [ "$label" = strong ]; then progress "/tmp/mlflow-${label%%-*}.db" "$start" | tail -8 >> "$OUT/table.txt"; fi
-  tail -18 "$OUT/$label.log"
+  grep -m3 -o -E 'CUDA graph capture failed.*|augmentation generators did not advance.*|fused attention kernel failed.*' "$STUDY_LOG" | cut -c1-300 >> "$OUT/table.txt"
+  # unfinished: how far it got; the strong preset: its runs' error curves and epoch times even when it finished
+  if [ "$STUDY_RC" != 0 ] || [[ "$label" == strong* ]]; then
+    progress "/tmp/mlflow-${label%%-*}.db" "$start" | tail -8 >> "$OUT/table.txt"
+  fi
+  tail -18 "$STUDY_LOG"
 }
-: > "$OUT/table.txt"
+run_bench() {  # label, timeout, markdown heading, train_throughput args...
+  local label=$1 limit=$2 heading=$3; shift 3
+  local start
+  start=$(date +%s.%N)
+  echo -e "\n## $heading\n" >> "$OUT/throughput.md"
+  timeout "$limit" "$PYTHON" bench/train_throughput.py --device "$DEVICE" "$@" >> "$OUT/throughput.md" \
+    2>> "$OUT/throughput.log"
+  echo "$label | rc=$? | process wall $(seconds_since "$start")s (limit ${limit}s)" >> "$OUT/table.txt"
+  tail -4 "$OUT/throughput.log"
+}
+STRONG_RC=""; STRONG_WALL=""; STRONG_LOG=""
 for stage in "${STAGES[@]}"; do
   case "$stage" in
-    seed)
-      run_study seed-fresh 150 --config "$SEED_CONFIG" --fresh
-      run_study seed-resumed 90 --config "$SEED_CONFIG" ;;  # the second run: same stores, every fold reused
-    throughput)
-      start=$(date +%s.%N)  # fit vs a bare loop, and 3 batched folds vs 3 sequential ones (stdout: the tables)
-      timeout 150 "$PYTHON" bench/train_throughput.py --device "$DEVICE" "${THROUGHPUT_ARGS[@]}" \
-        > "$OUT/throughput.md" 2> "$OUT/throughput.log"
-      echo "train-throughput | rc=$? | process wall $(seconds_since "$start")s" >> "$OUT/table.txt"
-      tail -5 "$OUT/throughput.log"
-      # the folds again over 5 epochs, as the seed study's CV trains them: fixed costs per run weigh less
-      start=$(date +%s.%N)
-      echo -e "\n## batched folds over 5 epochs (seed model)\n" >> "$OUT/throughput.md"
-      timeout 150 "$PYTHON" bench/train_throughput.py --device "$DEVICE" "${FOLD_ARGS[@]}" --no-fit \
-        >> "$OUT/throughput.md" 2>> "$OUT/throughput.log"
-      echo "folds-5-epochs | rc=$? | process wall $(seconds_since "$start")s" >> "$OUT/table.txt" ;;
     strong)
-      run_study strong 500 --config strong --fresh "${STRONG_SET[@]}" ;;  # the call's 600 s include the set-up
+      limit=$(fits strong 360 200) || continue  # past 6 minutes its 5-minute target is missed anyway
+      run_study strong "$limit" --config strong --fresh "${STRONG_SET[@]}"
+      STRONG_RC=$STUDY_RC; STRONG_WALL=$STUDY_WALL; STRONG_LOG=$STUDY_LOG ;;
+    seed)
+      limit=$(fits seed-fresh 100 70) || continue
+      run_study seed-fresh "$limit" --config "$SEED_CONFIG" --fresh ;;
+    resumed)
+      limit=$(fits seed-resumed 80 60) || continue
+      run_study seed-resumed "$limit" --config "$SEED_CONFIG" ;;  # same stores: every fold reused
+    folds)
+      limit=$(fits folds-5-epochs 100 50) || continue
+      run_bench folds-5-epochs "$limit" "batched folds over $FOLD_EPOCHS epochs (seed model; the seed study's CV trains 5)" \
+        --models seed "${FOLD_ARGS[@]}" --epochs "$FOLD_EPOCHS" --no-fit ;;
+    throughput)
+      limit=$(fits train-throughput 120 60) || continue
+      run_bench train-throughput "$limit" "fit vs bare loop, batched folds over 1 epoch (seed model)" \
+        --models seed "${FIT_ARGS[@]}" ;;
+    bigger)
+      limit=$(fits throughput-bigger 120 70) || continue
+      run_bench throughput-bigger "$limit" "fit vs bare loop, batched folds over 1 epoch (dim-64 model)" \
+        --models bigger "${FIT_ARGS[@]}" ;;
+    profile)
+      limit=$(fits profile 60 40) || continue
+      run_bench profile "$limit" "profile: one stacked run of 1 and of 3 folds (seed model)" \
+        --models seed "${FIT_ARGS[@]}" --no-fit --no-batched --profile ;;
+    strong-tuned)
+      [ "$STRONG_RC" = 0 ] || { echo "strong-tuned | skipped: no finished strong run in this call" >> "$OUT/table.txt"; continue; }
+      epochs=$("$PYTHON" bench/gpu_check_tune.py --log "$STRONG_LOG" --wall "$STRONG_WALL" --target "$STRONG_TARGET" \
+               --left "$(left)" "${STRONG_SET[@]}" 2>> "$OUT/table.txt") || continue
+      limit=$(fits "strong-tuned" 360 100) || continue
+      run_study strong-tuned "$limit" --config strong --fresh "${STRONG_SET[@]}" --set "train.epochs=$epochs" ;;
   esac
 done
 
-echo; echo "=== GPU check: ${STAGES[*]} ($(cat "$OUT/gpu.txt")) ==="; cat "$OUT/versions.txt"; cat "$OUT/table.txt"
+"$PYTHON" bench/gpu_verdict.py "$OUT" >> "$OUT/table.txt"  # $OUT holds at most 8 files: the verdict goes here
+echo; echo "=== GPU check: ${STAGES[*]}, $(( $(date +%s) - T0 ))s ==="
+cat "$OUT/machine.txt" "$OUT/table.txt"
 [ -s "$OUT/throughput.md" ] && { echo; cat "$OUT/throughput.md"; }
 exit 0

@@ -1,0 +1,66 @@
+"""bench/gpu_check.sh's helpers: the strong-tuned stage's epoch plan and the verdict read from a check's output."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.gpu_check_tune import plan
+from bench.gpu_verdict import verdict
+
+
+def test_plan_fills_the_time_target_with_measured_epochs() -> None:
+    # 100 epochs took 80 s of a 160 s process: 0.8 s per epoch, 80 s besides; 300 s x 0.92 = 276 s -> 245 epochs
+    n, why = plan(accuracy=99.61, wall=160, flow_total=130, retrain=80, epochs=100, target=300, left=400)
+    assert n == 245 and "train.epochs=245" in why
+    # the time left in the check, not the target, is what binds here: 200 x 0.92 = 184 s -> 130 epochs
+    assert plan(99.61, 160, 130, 80, 100, 300, 200)[0] == 130
+
+
+def test_plan_shortens_a_run_that_met_accuracy_but_not_time() -> None:
+    n, _ = plan(accuracy=99.74, wall=400, flow_total=380, retrain=300, epochs=100, target=300, left=500)
+    assert n == 58  # (276 - 100) / 3.0 = 58.7
+
+
+@pytest.mark.parametrize(("accuracy", "wall", "left", "reason"), [
+    (99.72, 250, 400, "met both targets"),
+    (99.60, 270, 400, "only 106 epochs fit"),  # (276 - 170) / 1.0: too few more epochs to be worth a run
+    (99.60, 250, 120, "no epochs fit"),
+])
+def test_plan_says_why_it_tries_nothing(accuracy: float, wall: float, left: float, reason: str) -> None:
+    n, why = plan(accuracy, wall, flow_total=wall - 20, retrain=100, epochs=100, target=300, left=left)
+    assert n is None and reason in why
+
+
+TABLE = """\
+set-up | 25s (wheels, MNIST, Prefect database)
+strong | rc=0 | process wall 170.2s (limit 360s) | before flow 20.1s, after it 1.0s | Test accuracy (ONNX Runtime, \
+CPUExecutionProvider): 99.66% | Wall time:       140.3 s (data 0.3, CV 20.0, retrain 90.0, export 9.0)
+strong-tuned | train.epochs=190 (was 100; 99.66%, process 170 s, flow 140 s): ...
+strong-tuned | rc=0 | process wall 262.0s (limit 300s) | before flow 20.0s, after it 1.0s | Test accuracy (ONNX \
+Runtime, CPUExecutionProvider): 99.71% | Wall time:       231.0 s (data 0.3, CV 20.0, retrain 181.0)
+seed-fresh | rc=0 | process wall 52.3s (limit 100s) | before flow 15.0s | Test accuracy (ONNX Runtime, \
+CPUExecutionProvider): 91.40% | Wall time:       30.0 s (data 0.3, CV 9.0)
+"""
+BENCH = """\
+| device | model | parameters | bare loop img/s | fit img/s | fit / bare |
+|---|---|---|---|---|---|
+| cuda | seed (dim 8, 3 blocks, MLP 32) (CUDA graph) | 2,650 | 21,535 | 77,535 | 3.60 |
+| cuda | seed (dim 8, 3 blocks, MLP 32) (eager) | 2,650 | 21,535 | 18,000 | 0.84 |
+
+| device | model | 1 fold s | 3 sequential s | 3 batched s | 3 batched / 1 fold | sequential / batched |
+|---|---|---|---|---|---|---|
+| cuda | seed (dim 8, 3 blocks, MLP 32) (CUDA graph) | 1.00 | 3.00 | 1.40 | 1.40 | 2.14 |
+| cuda | seed (dim 8, 3 blocks, MLP 32) (eager) | 1.00 | 3.00 | 2.50 | 2.50 | 1.20 |
+"""
+
+
+def test_verdict_reads_each_check_from_the_rows_that_decide_it() -> None:
+    lines = verdict(TABLE, BENCH)
+    assert lines[0] == "seed study <= 60 s: met (52.3 s process wall)"
+    assert lines[1].startswith("strong >= 99.70% in <= 5 min: missed by strong: 99.66%")
+    assert "met by strong-tuned (train.epochs=190): 99.71%, flow 231.0 s" in lines[1]
+    assert lines[2] == "3 batched folds <= 1.5x one fold: met (1.40x)"  # the eager row is not how the study trains
+    assert lines[3].startswith("fit >= 0.9x bare loop: missed")  # every fit row counts, eager included
+    assert verdict("", "") == [f"{check}: not measured" for check in (
+        "seed study <= 60 s", "strong >= 99.70% in <= 5 min", "3 batched folds <= 1.5x one fold",
+        "fit >= 0.9x bare loop")]

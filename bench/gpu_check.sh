@@ -91,7 +91,8 @@ fi
 echo "set-up | $(( $(date +%s) - T0 ))s (wheels, MNIST, Prefect database)" > "$OUT/table.txt"
 : > "$OUT/throughput.md"; : > "$OUT/throughput.log"
 
-left() { echo $(( BUDGET - ($(date +%s) - T0) - 10 )); }  # seconds left for stages (10 s kept for the report)
+# Seconds left for stages: 25 s are kept for the report and for a stage that ignores its SIGTERM (killed 20 s later).
+left() { echo $(( BUDGET - ($(date +%s) - T0) - 25 )); }
 fits() {  # label, cap, minimum (GPU seconds; x SCALE in a dry run): prints the stage's timeout, or skips it
   local cap=$(( $2 * SCALE )) need=$(( $3 * SCALE )) rest
   rest=$(left)
@@ -146,7 +147,7 @@ run_study() {  # label, timeout, extra args...
   local label=$1 limit=$2; shift 2
   local start
   start=$(date +%s.%N)
-  MLFLOW_TRACKING_URI="sqlite:////tmp/mlflow-${label%%-*}.db" timeout "$limit" "$PYTHON" -m flows.cli run "$@" \
+  MLFLOW_TRACKING_URI="sqlite:////tmp/mlflow-${label%%-*}.db" timeout -k 20 "$limit" "$PYTHON" -m flows.cli run "$@" \
     > "$OUT/$label.log" 2>&1
   STUDY_RC=$?; STUDY_WALL=$(seconds_since "$start"); STUDY_LOG="$OUT/$label.log"
   local acc timing
@@ -166,7 +167,7 @@ run_bench() {  # label, timeout, markdown heading, train_throughput args...
   local start
   start=$(date +%s.%N)
   echo -e "\n## $heading\n" >> "$OUT/throughput.md"
-  timeout "$limit" "$PYTHON" bench/train_throughput.py --device "$DEVICE" "$@" >> "$OUT/throughput.md" \
+  timeout -k 20 "$limit" "$PYTHON" bench/train_throughput.py --device "$DEVICE" "$@" >> "$OUT/throughput.md" \
     2>> "$OUT/throughput.log"
   echo "$label | rc=$? | process wall $(seconds_since "$start")s (limit ${limit}s)" >> "$OUT/table.txt"
   tail -4 "$OUT/throughput.log"

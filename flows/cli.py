@@ -58,22 +58,93 @@ def format_summary(s: dict[str, Any]) -> str:
     ])
 
 
-def start_prefect_api_early() -> threading.Thread | None:
+class _ApiBoot:
+    """The temporary Prefect API server, booting in a background thread: ``wait()`` until it is up (or its start
+    failed, which is printed: the flow then starts the server itself as usual)."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+
+    def wait(self) -> None:
+        self.ready.wait()
+
+
+def _api_server_class() -> type:
+    """Prefect's temporary API server (``SubprocessASGIServer``), started in its own session where Linux can tie
+    its life to ours.
+
+    Prefect starts that server as a child in our process group. A Ctrl-C in the terminal (SIGINT to the whole
+    foreground group) or ``timeout``/``kill -- -PGID`` (SIGTERM to the group) then stops the server at the same
+    moment as the study, and the study's last calls (the flow run's Crashed state, the log flush at exit) retry
+    against a dead API: ``vitflow run`` took ~2.5 minutes to exit after a Ctrl-C, and failed with ConnectError
+    instead of saying it was interrupted. In its own session the server gets no group signals: the study reports
+    its state and exits, and Prefect's exit handler stops the server as after any run. So that nothing outlives
+    a study that is killed outright (SIGKILL, the OOM killer), the server gets SIGTERM when the thread that started
+    it ends (prctl PR_SET_PDEATHSIG): that thread stays parked until the process ends. Elsewhere than Linux, and
+    if this Prefect's server has no ``_run_uvicorn_command``, Prefect's own class as it is."""
+    from prefect.server.api import server as api_server
+
+    base = api_server.SubprocessASGIServer
+    if not sys.platform.startswith("linux") or not hasattr(base, "_run_uvicorn_command"):
+        return base
+    import ctypes
+    import functools
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
+    parent = os.getpid()
+
+    def die_with_parent() -> None:  # in the child, between fork and exec
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl: nobody would stop this server
+            os._exit(1)
+
+    class SubprocessProxy:  # the server module's view of `subprocess` while it spawns: Popen in a new session
+        def __init__(self, real: Any) -> None:
+            self._real = real
+            self.Popen = functools.partial(real.Popen, start_new_session=True, preexec_fn=die_with_parent)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._real, name)
+
+    class OwnSessionServer(base):
+        def _run_uvicorn_command(self) -> Any:
+            real = api_server.subprocess
+            api_server.subprocess = SubprocessProxy(real)
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                api_server.subprocess = real
+
+    return OwnSessionServer
+
+
+def start_prefect_api_early() -> _ApiBoot | None:
     """With no PREFECT_API_URL, Prefect boots a temporary API server (a subprocess: several seconds) when the flow
     is first called. Boot it now in a thread instead, so that it starts while torch, MLflow and the flow are
-    imported; join the thread before calling the flow. The flow then finds it running (Prefect keeps one such
-    server per process). If this early start fails, the thread's error is printed and the flow starts the server
-    itself as usual. None when an API URL is set (a real server: nothing to start)."""
+    imported; ``wait()`` on the result before calling the flow. The flow then finds it running (Prefect keeps one
+    such server per process). If this early start fails, the error is printed and the flow starts the server
+    itself as usual. None when an API URL is set (a real server: nothing to start). The server runs in its own
+    session (``_api_server_class``), and the thread stays parked for the process's life, as that requires."""
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
         return None
     # imported here, not in the thread: concurrent imports of one package from two threads can deadlock
-    from prefect.server.api.server import SubprocessASGIServer
+    server_class = _api_server_class()
+    boot = _ApiBoot()
 
-    thread = threading.Thread(target=SubprocessASGIServer().start, name="prefect-api-boot", daemon=True)
-    thread.start()
-    return thread
+    def run() -> None:
+        try:
+            server_class().start()
+        except Exception as exc:  # noqa: BLE001 - the flow starts the server itself
+            print(f"vitflow: early start of Prefect's temporary API failed ({type(exc).__name__}: {exc}); "
+                  f"the flow starts it instead", file=sys.stderr)
+        finally:
+            boot.ready.set()
+        threading.Event().wait()  # parked: the server's life is tied to this thread's (PR_SET_PDEATHSIG)
+
+    threading.Thread(target=run, name="prefect-api-boot", daemon=True).start()
+    return boot
 
 
 def settle_garbage_collector() -> None:
@@ -104,7 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         if booting is not None:
-            booting.join()
+            booting.wait()
         if getattr(args, "whole_process", False):
             settle_garbage_collector()
         summary = vit_pipeline(config=args.config, overrides=args.set, fresh=args.fresh, runner=args.runner,
@@ -167,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                          "process (needs PREFECT_API_URL pointing at a Prefect server); Ctrl-C stops")
     srv.add_argument("--config", "-c", default="seed", help="preset or YAML path the deployments run (default: seed)")
     srv.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
-    srv.add_argument("--cron", default="0 3 * * 1", help="schedule of scheduled-retraining, UTC (default: Mondays 03:00)")
+    srv.add_argument("--cron", default="0 3 * * 1",
+                     help="schedule of scheduled-retraining, UTC (default: Mondays 03:00)")
     srv.set_defaults(func=cmd_serve)
     from flows.consume_cli import add_parsers  # predict, evaluate
     add_parsers(sub)

@@ -1,5 +1,6 @@
-"""Fault injection with real processes and stores: SIGKILL during cross-validation then resume, SIGTERM, and
-concurrent fold tasks against SQLite without losing a metric point."""
+"""Fault injection with real processes and stores: SIGKILL during cross-validation then resume, SIGTERM, a Ctrl-C
+(SIGINT to the whole process group), SIGKILL of the study alone (its temporary Prefect API server must not outlive
+it), and concurrent fold tasks against SQLite without losing a metric point."""
 
 from __future__ import annotations
 
@@ -144,3 +145,69 @@ def test_sigterm_ends_runs_killed_promptly(session_env, tmp_path):
     study = _study(env)[0]
     assert study.info.status == "KILLED"
     assert [r for r in runs if r.data.tags.get("vitflow.role") == "fold" and r.info.status == "KILLED"]
+
+
+def _api_servers(parent: int | None = None) -> list[int]:
+    """PIDs of Prefect temporary API servers (uvicorn serving prefect.server.api.server:create_app), of ``parent``'s
+    children only when given; read from /proc."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if b"prefect.server.api.server:create_app" in cmdline and parent in (None, ppid):
+            found.append(int(pid))
+    return found
+
+
+def _gone(pids: list[int], seconds: float = 15) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if not [pid for pid in pids if pid in _api_servers()]:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_to_the_process_group_stops_the_study_promptly(session_env, tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to every process of the foreground group. Prefect's temporary API server
+    must not die with the study: the study still reports to it, then exits (it took ~2.5 minutes and ended with a
+    ConnectError while the server shared the group)."""
+    env = _env(session_env, tmp_path, "ctrl-c")
+    proc = _start(env)
+    running_with_metrics = "tags.`vitflow.role` = 'fold' and attributes.status = 'RUNNING'"
+    _wait_for(lambda: any(r.data.metrics for r in _runs(env, running_with_metrics)), proc)
+    servers = _api_servers(proc.pid)
+    assert len(servers) == 1, servers
+    sent = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        _kill_group(proc)
+    assert time.time() - sent < 30, f"Ctrl-C took {time.time() - sent:.0f} s to stop the study:\n{out[-3000:]}"
+    assert proc.returncode == 130, out[-3000:]  # 128 + SIGINT
+    assert "interrupted (SIGINT); open MLflow runs were marked KILLED" in out and "ConnectError" not in out
+    assert _gone(servers), "the temporary Prefect API server outlived the study"
+    runs = _runs(env)
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+    assert _study(env)[0].info.status == "KILLED"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigkill_of_the_study_alone_takes_its_api_server_along(session_env, tmp_path):
+    env = _env(session_env, tmp_path, "orphan")
+    proc = _start(env)
+    _wait_for(lambda: _api_servers(proc.pid), proc)
+    servers = _api_servers(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)  # the study only, not its group: nothing of it can clean up
+    proc.wait(timeout=30)
+    try:
+        assert _gone(servers), "the temporary Prefect API server outlived a killed study"
+    finally:
+        for pid in _api_servers():
+            if pid in servers:
+                os.kill(pid, signal.SIGKILL)

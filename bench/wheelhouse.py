@@ -46,7 +46,8 @@ markdown-it-py markupsafe matplotlib mdurl ml-dtypes mpmath msgpack multidict na
 packaging pandas pathspec pillow pluggy iniconfig prometheus-client propcache protobuf psutil pyarrow pygments
 pyparsing pytest python-dateutil pyyaml regex requests rich scikit-learn scipy shellingham six sortedcontainers
 sympy threadpoolctl toolz tqdm typer typing-extensions urllib3 werkzeug yarl zipp
-""".split())
+filelock
+""".split())  # filelock: a requirement of torch, which the image has
 # Versions on that image as a session saw them (device notes, 2026-11): bench/gpu_rehearsal.sh mirrors them.
 GPU_IMAGE_PINNED = {"torch": "2.11.0", "torchvision": "0.26.0", "numpy": "2.5.2", "onnx": "1.23.1",
                     "onnxruntime": "1.30.0", "onnxscript": "0.7.2", "onnx-ir": "1.0.0"}

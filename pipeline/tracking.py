@@ -10,13 +10,14 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import mlflow
+from filelock import FileLock, Timeout
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -44,6 +45,21 @@ def _artifact_location(uri: str) -> str | None:
         return None  # a tracking server decides where artifacts live
     db = Path(uri.removeprefix("sqlite:///"))
     return (db.resolve().parent / "artifacts").as_uri()
+
+
+STORE_LOCK_TIMEOUT_S = 120
+
+
+def _store_lock(uri: str) -> AbstractContextManager[Any]:
+    """A lock across processes for opening a local SQLite store: a new store's first opening creates its schema
+    (MLflow's migrations), and two studies started at once against a new store both tried, and one failed with
+    "table alembic_version already exists". A file beside the database (``<db>.lock``); nothing for other stores."""
+    if urlparse(uri).scheme != "sqlite":
+        return nullcontext()
+    db = uri.removeprefix("sqlite:///")
+    if not db or db.startswith(":memory:"):
+        return nullcontext()
+    return FileLock(f"{db}.lock", timeout=STORE_LOCK_TIMEOUT_S)
 
 
 def package_versions() -> dict[str, str]:
@@ -89,9 +105,16 @@ class Tracker:
     def __init__(self, uri: str, experiment: str) -> None:
         self.uri = uri
         mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient(tracking_uri=uri)
         self.experiment_name = experiment
-        self.experiment_id = self._ensure_experiment(experiment)
+        lock = _store_lock(uri)
+        try:
+            with lock:  # the first opening (the client opens it) may create the store's schema: one at a time
+                self.client = MlflowClient(tracking_uri=uri)
+                self.experiment_id = self._ensure_experiment(experiment)
+        except Timeout as exc:
+            raise MlflowException(f"waited {STORE_LOCK_TIMEOUT_S} s for {lock.lock_file}, held by another process "
+                                  f"opening the same MLflow store; if no other study or script is starting, delete "
+                                  f"that file and run again") from exc
         self._open: set[str] = set()
         self._lock = threading.Lock()
 

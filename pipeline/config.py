@@ -300,6 +300,10 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(name_or_path: str | os.PathLike = "seed", overrides: list[str] | None = None) -> StudyConfig:
     """Load a preset or YAML file, apply ``key=value`` overrides, validate. Raises ConfigError (one line)."""
+    if not PRESET_DIR.is_dir():  # e.g. `pip install .`: the code alone, copied into site-packages
+        raise ConfigError(f"no presets folder at {PRESET_DIR}: vitflow runs from a checkout of its repository, "
+                          f"installed in place (make install, or pip install -e .), and keeps its stores (mlflow/, "
+                          f"models/, .vitflow/) in that checkout")
     path = resolve_preset(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}

@@ -110,3 +110,30 @@ def test_yaml_off_and_on_are_compile_modes(tmp_path):
         load_config("seed", ["train.compile=fast"])
     assert load_config("seed", ["train.cuda_graph=off"]).train.cuda_graph == "off"
     assert load_config("seed", ["train.cuda_graph=on"]).train.cuda_graph == "auto"
+
+
+def test_an_install_outside_a_checkout_says_how_to_install(tmp_path):
+    """`pip install .` copies pipeline/ and flows/ into site-packages without configs/, and the default stores
+    would land beside them (an mlflow/ folder there is MLflow's own package): vitflow refuses, and says why."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    import shutil
+
+    source, target = tmp_path / "source", tmp_path / "site"  # a copy: the build writes build/ beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("pipeline", "flows"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
+    probe = ("from pipeline.config import ConfigError, load_config\n"
+             "try:\n    load_config('seed')\nexcept ConfigError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(target)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "vitflow runs from a checkout of its repository, installed in place" in out.stdout
+    assert str(target / "configs") in out.stdout

@@ -90,7 +90,10 @@ def _api_server_class() -> type:
     import ctypes
     import functools
 
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
+    except (OSError, AttributeError):  # no C library with prctl to be found: Prefect's own class
+        return base
     parent = os.getpid()
 
     def die_with_parent() -> None:  # in the child, between fork and exec

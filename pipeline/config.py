@@ -30,7 +30,7 @@ class DataConfig(_Strict):
     download: bool = True
     mirrors: list[str] | None = Field(None, description="base URLs to download from; None: torchvision's mirrors")
     train_subset: int | None = Field(None, gt=0, description="stratified subset of the 60k training images")
-    test_subset: int | None = Field(None, gt=0, description="first N of the 10k test images")
+    test_subset: int | None = Field(None, gt=0, description="stratified subset of the 10k test images")
     subset_seed: int = 0
 
     def resolved_root(self) -> Path:
@@ -174,6 +174,17 @@ class StudyConfig(_Strict):
     cv: CVConfig = Field(default_factory=CVConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _subsets_hold_every_digit(self) -> "StudyConfig":
+        # Subsets are stratified over the 10 digits, and stratified k-fold CV needs k images of each digit.
+        need = {"data.train_subset": (self.data.train_subset, 10 * self.cv.folds,
+                                      f"{self.cv.folds} of each of the 10 digits for cv.folds={self.cv.folds}"),
+                "data.test_subset": (self.data.test_subset, 10, "one of each of the 10 digits")}
+        for key, (size, least, why) in need.items():
+            if size is not None and size < least:
+                raise ValueError(f"{key}={size} is too small: a stratified subset needs {why}; use at least {least}")
+        return self
 
     @model_validator(mode="after")
     def _grid_points_valid(self) -> "StudyConfig":

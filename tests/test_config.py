@@ -49,6 +49,9 @@ def test_config_file_path(tmp_path):
     ("train.epochs=many", "train.epochs='many'"),
     ("cv.grid.model.heads=[2,3]", "cv.grid point blocks=2 mlp=16 heads=3: model.heads=3 must divide model.dim=8"),
     ("cv.grid.model.bogus=[1]", "'model.bogus' is not a known field"),
+    ("data.train_subset=25", "data.train_subset=25 is too small: a stratified subset needs 3 of each of the 10 "
+                             "digits for cv.folds=3; use at least 30"),
+    ("data.test_subset=5", "data.test_subset=5 is too small: a stratified subset needs one of each of the 10 digits"),
 ])
 def test_invalid_configuration_is_one_clear_line(override, fragment):
     with pytest.raises(ConfigError) as info:

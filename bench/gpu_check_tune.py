@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.gpu_verdict import ACCURACY, ACCURACY_TARGET, TIME_TARGET_S  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
-ACCURACY_TARGET = 99.70  # percent, ONNX Runtime on the 10,000 test images (issue #5)
 MARGIN = 0.92
 
 
@@ -52,14 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log", type=Path, required=True, help="the strong study's output (vitflow run)")
     parser.add_argument("--wall", type=float, required=True, help="its process wall time, seconds")
-    parser.add_argument("--target", type=float, default=300.0, help="time target, seconds (default 300)")
+    parser.add_argument("--target", type=float, default=TIME_TARGET_S,
+                        help=f"time target, seconds (default {TIME_TARGET_S:.0f})")
     parser.add_argument("--left", type=float, required=True, help="seconds left in the check's budget")
     parser.add_argument("--config", default="strong")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as passed to vitflow run")
     args = parser.parse_args(argv)
 
     text = args.log.read_text(errors="replace")
-    accuracy = re.findall(r"Test accuracy \(ONNX Runtime, \w+\): ([0-9.]+)%", text)
+    accuracy = ACCURACY.findall(text)
     timing = re.findall(r"Wall time: +([0-9.]+) s \(.*?retrain ([0-9.]+)", text)
     if not accuracy or not timing:
         print(f"strong-tuned | skipped: no summary in {args.log.name}", file=sys.stderr)

@@ -58,17 +58,6 @@ def format_summary(s: dict[str, Any]) -> str:
     ])
 
 
-class _ApiBoot:
-    """The temporary Prefect API server, booting in a background thread: ``wait()`` until it is up (or its start
-    failed, which is printed: the flow then starts the server itself as usual)."""
-
-    def __init__(self) -> None:
-        self.ready = threading.Event()
-
-    def wait(self) -> None:
-        self.ready.wait()
-
-
 def _api_server_class() -> type:
     """Prefect's temporary API server (``SubprocessASGIServer``), started in its own session where Linux can tie
     its life to ours.
@@ -121,10 +110,11 @@ def _api_server_class() -> type:
     return OwnSessionServer
 
 
-def start_prefect_api_early() -> _ApiBoot | None:
+def start_prefect_api_early() -> threading.Event | None:
     """With no PREFECT_API_URL, Prefect boots a temporary API server (a subprocess: several seconds) when the flow
     is first called. Boot it now in a thread instead, so that it starts while torch, MLflow and the flow are
-    imported; ``wait()`` on the result before calling the flow. The flow then finds it running (Prefect keeps one
+    imported; ``wait()`` on the returned event (set once the server is up, or its start failed) before calling
+    the flow. The flow then finds it running (Prefect keeps one
     such server per process). If this early start fails, the error is printed and the flow starts the server
     itself as usual. None when an API URL is set (a real server: nothing to start). The server runs in its own
     session (``_api_server_class``), and the thread stays parked for the process's life, as that requires."""
@@ -134,7 +124,7 @@ def start_prefect_api_early() -> _ApiBoot | None:
         return None
     # imported here, not in the thread: concurrent imports of one package from two threads can deadlock
     server_class = _api_server_class()
-    boot = _ApiBoot()
+    ready = threading.Event()
 
     def run() -> None:
         try:
@@ -143,11 +133,11 @@ def start_prefect_api_early() -> _ApiBoot | None:
             print(f"vitflow: early start of Prefect's temporary API failed ({type(exc).__name__}: {exc}); "
                   f"the flow starts it instead", file=sys.stderr)
         finally:
-            boot.ready.set()
+            ready.set()
         threading.Event().wait()  # parked: the server's life is tied to this thread's (PR_SET_PDEATHSIG)
 
     threading.Thread(target=run, name="prefect-api-boot", daemon=True).start()
-    return boot
+    return ready
 
 
 def settle_garbage_collector() -> None:

@@ -1,10 +1,14 @@
 
+import shutil
+import subprocess
+import sys
+
 import pytest
 import yaml
 
 from pipeline.config import ConfigError, config_from_dict, list_presets, load_config
 
-from .conftest import run_cli
+from .conftest import REPO, run_cli
 
 
 def test_seed_preset_is_the_original_study():
@@ -118,13 +122,6 @@ def test_yaml_off_and_on_are_compile_modes(tmp_path):
 def test_an_install_outside_a_checkout_says_how_to_install(tmp_path):
     """`pip install .` copies pipeline/ and flows/ into site-packages without configs/, and the default stores
     would land beside them (an mlflow/ folder there is MLflow's own package): vitflow refuses, and says why."""
-    import subprocess
-    import sys
-
-    from .conftest import REPO
-
-    import shutil
-
     source, target = tmp_path / "source", tmp_path / "site"  # a copy: the build writes build/ beside the sources
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):

@@ -68,6 +68,25 @@ def _kill_group(proc):
     proc.wait(timeout=30)
 
 
+def _start_training(env):
+    """A study started and waited for until a fold is training (a running fold run with metrics)."""
+    proc = _start(env)
+    running_with_metrics = "tags.`vitflow.role` = 'fold' and attributes.status = 'RUNNING'"
+    _wait_for(lambda: any(r.data.metrics for r in _runs(env, running_with_metrics)), proc)
+    return proc
+
+
+def _signal_and_wait(proc, send, timeout):
+    """``send(proc)``, then the study's output and the seconds it took to end (its group is killed after)."""
+    sent = time.time()
+    send(proc)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        _kill_group(proc)
+    return out, time.time() - sent
+
+
 def _study(env, extra_where=""):
     runs = _runs(env, "tags.`vitflow.role` = 'study'" + extra_where)
     return sorted(runs, key=lambda r: r.info.start_time)
@@ -128,16 +147,9 @@ def test_sigkill_during_cv_then_resume(session_env, tmp_path, uninterrupted):
 
 def test_sigterm_ends_runs_killed_promptly(session_env, tmp_path):
     env = _env(session_env, tmp_path, "term")
-    proc = _start(env)
-    running_with_metrics = "tags.`vitflow.role` = 'fold' and attributes.status = 'RUNNING'"
-    _wait_for(lambda: any(r.data.metrics for r in _runs(env, running_with_metrics)), proc)
-    sent = time.time()
-    os.kill(proc.pid, signal.SIGTERM)
-    try:
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        _kill_group(proc)
-    assert time.time() - sent < 30, "SIGTERM took too long to stop the study"
+    proc = _start_training(env)
+    out, seconds = _signal_and_wait(proc, lambda p: os.kill(p.pid, signal.SIGTERM), timeout=60)
+    assert seconds < 30, "SIGTERM took too long to stop the study"
     assert proc.returncode == 143, out[-3000:]  # 128 + SIGTERM
     assert "interrupted (SIGTERM); open MLflow runs were marked KILLED" in out
     runs = _runs(env)
@@ -177,18 +189,11 @@ def test_ctrl_c_to_the_process_group_stops_the_study_promptly(session_env, tmp_p
     must not die with the study: the study still reports to it, then exits (it took ~2.5 minutes and ended with a
     ConnectError while the server shared the group)."""
     env = _env(session_env, tmp_path, "ctrl-c")
-    proc = _start(env)
-    running_with_metrics = "tags.`vitflow.role` = 'fold' and attributes.status = 'RUNNING'"
-    _wait_for(lambda: any(r.data.metrics for r in _runs(env, running_with_metrics)), proc)
+    proc = _start_training(env)
     servers = _api_servers(proc.pid)
     assert len(servers) == 1, servers
-    sent = time.time()
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        _kill_group(proc)
-    assert time.time() - sent < 30, f"Ctrl-C took {time.time() - sent:.0f} s to stop the study:\n{out[-3000:]}"
+    out, seconds = _signal_and_wait(proc, lambda p: os.killpg(p.pid, signal.SIGINT), timeout=120)
+    assert seconds < 30, f"Ctrl-C took {seconds:.0f} s to stop the study:\n{out[-3000:]}"
     assert proc.returncode == 130, out[-3000:]  # 128 + SIGINT
     assert "interrupted (SIGINT); open MLflow runs were marked KILLED" in out and "ConnectError" not in out
     assert _gone(servers), "the temporary Prefect API server outlived the study"

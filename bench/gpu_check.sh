@@ -10,9 +10,10 @@
 #   strong        the strong preset (configs/strong.yaml) through the flow, fresh
 #   seed          the seed study through the flow, fresh
 #   folds         the seed model's 3 folds stacked vs one after another, 5 epochs as the seed study's CV trains them
-#   throughput    fit vs a bare loop and batched folds over 1 epoch, seed model (bench/train_throughput.py)
 #   strong-tuned  only when strong finished but missed 99.70% or 5 minutes: the strong preset again with as many
-#                 epochs as its measured seconds per epoch fit into 5 minutes (and into the time left)
+#                 epochs as its measured seconds per epoch fit into 5 minutes (and into the time left); before
+#                 throughput, whose fit-vs-bare ratios were met on an H100 already
+#   throughput    fit vs a bare loop and batched folds over 1 epoch, seed model (bench/train_throughput.py)
 #   resumed       the seed study again: every fold from the result store
 #   bigger        fit vs bare loop and batched folds for the dim-64 model
 #   profile       torch.profiler tables of one stacked run of 1 and of 3 folds: which kernels grow with k
@@ -33,7 +34,7 @@ T0=$(date +%s)
 OUT="${OUT:-/tmp/gpu-check}"; mkdir -p "$OUT"
 PYTHON="${PYTHON:-python3}"
 DRY="${GPU_CHECK_DRY_RUN:-0}"
-ALL=(strong seed folds throughput strong-tuned resumed bigger profile)
+ALL=(strong seed folds strong-tuned throughput resumed bigger profile)
 STAGES=("$@"); [ ${#STAGES[@]} -eq 0 ] && STAGES=("${ALL[@]}")
 for stage in "${STAGES[@]}"; do
   [[ " ${ALL[*]} " == *" $stage "* ]] || { echo "unknown stage '$stage': use ${ALL[*]}" >&2; exit 2; }

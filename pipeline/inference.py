@@ -89,11 +89,17 @@ def resolve_model(model: str | os.PathLike, download_dir: str | os.PathLike,
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    if tracking_uri is None:
-        from pipeline.config import TrackingConfig
-        from pipeline.tracking import tracking_uri as default_tracking_uri
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking import sqlite_path
+    from pipeline.tracking import tracking_uri as default_tracking_uri
 
+    if tracking_uri is None:
         tracking_uri = default_tracking_uri(TrackingConfig())
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.is_file():  # MLflow would create an empty store there, then not find the model
+        raise ModelNotFound(f"{text} not found: there is no MLflow store at {db} ({tracking_uri}); train and "
+                            f"register a model with `vitflow run`, or point MLFLOW_TRACKING_URI at the store "
+                            f"that holds it")
     source = ModelSource(uri=text, path=Path(), tracking_uri=tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:

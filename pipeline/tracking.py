@@ -38,12 +38,20 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a local SQLite store URI (sqlite:///relative or sqlite:////absolute); None for any
+    other store, and for an in-memory database."""
+    if urlparse(uri).scheme != "sqlite":
+        return None
+    db = uri.removeprefix("sqlite:///")
+    return None if not db or db.startswith(":memory:") else Path(db)
+
+
 def _artifact_location(uri: str) -> str | None:
     """Next to a local SQLite database, artifacts go to its artifacts/ folder (not ./mlruns of the cwd)."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "sqlite":
+    db = sqlite_path(uri)
+    if db is None:
         return None  # a tracking server decides where artifacts live
-    db = Path(uri.removeprefix("sqlite:///"))
     return (db.resolve().parent / "artifacts").as_uri()
 
 
@@ -54,12 +62,8 @@ def _store_lock(uri: str) -> AbstractContextManager[Any]:
     """A lock across processes for opening a local SQLite store: a new store's first opening creates its schema
     (MLflow's migrations), and two studies started at once against a new store both tried, and one failed with
     "table alembic_version already exists". A file beside the database (``<db>.lock``); nothing for other stores."""
-    if urlparse(uri).scheme != "sqlite":
-        return nullcontext()
-    db = uri.removeprefix("sqlite:///")
-    if not db or db.startswith(":memory:"):
-        return nullcontext()
-    return FileLock(f"{db}.lock", timeout=STORE_LOCK_TIMEOUT_S)
+    db = sqlite_path(uri)
+    return nullcontext() if db is None else FileLock(f"{db}.lock", timeout=STORE_LOCK_TIMEOUT_S)
 
 
 def package_versions() -> dict[str, str]:

@@ -235,9 +235,11 @@ def test_predict_from_registry_default_model(model, inputs, mnist, tmp_path, cap
         assert len({tuple(np.round(v, 6)) for v in runs.values()}) == 1  # one model, three ways to name it
         code, out, err = predict_main([file, "--model", "models:/vit-mnist@nobody"], capsys)
         assert code == 2 and "vitflow: model: models:/vit-mnist@nobody not found in the MLflow store" in err
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
+        missing = tmp_path / "missing.db"  # a store that was never created: named as such, and not created
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing}")
         code, out, err = predict_main([file], capsys)
         assert code == 2 and "models:/vit-mnist@champion not found" in err and "vitflow run" in err
+        assert f"no MLflow store at {missing}" in err and not missing.exists()
 
 
 def test_registry_uris_in_python(model, mnist, tmp_path):

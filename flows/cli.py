@@ -190,6 +190,61 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVED = ("seed-study", "scheduled-retraining")  # the deployments `vitflow serve` serves (prefect.yaml's names)
+
+
+def prepare_serving(cron: str, replace: bool) -> str | None:
+    """Why ``vitflow serve`` cannot serve, or None once it can: the cron must parse, and a Prefect server must
+    answer at PREFECT_API_URL. Without one, Prefect would start its temporary API server, which runs no scheduler
+    (the scheduled retraining would never run), shows no UI and ends with this process.
+
+    Deployments of the same names that a worker runs (prefect.yaml's, on a work pool: ``make serve``) are not taken
+    over silently: a served run of a deployment updated in place from a work-pool one crashed loading its code
+    ("No such file or directory: '.../None'": the deployment kept no path). With ``replace`` they are deleted, and
+    serving creates them anew."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=cron, timezone="UTC")
+    except ValidationError:
+        return (f"--cron {cron!r} is not a cron expression (five fields, UTC: minute hour day month weekday, "
+                f"e.g. '0 3 * * 1')")
+    url = PREFECT_API_URL.value()
+    start = ("start one with `make serve` (it points the active Prefect profile at it) or `prefect server start`, "
+             "then set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+    if not url:
+        return ("no Prefect server to serve the deployments to: PREFECT_API_URL is not set. Prefect's temporary API "
+                "server runs no scheduler and stops with this process, so the scheduled retraining would never "
+                f"run; {start}")
+    with get_client(sync_client=True) as client:
+        error = client.api_healthcheck()
+        if error is not None:
+            return (f"the Prefect server at PREFECT_API_URL={url} does not answer ({type(error).__name__}: {error}); "
+                    f"{start}")
+        pooled = []
+        for name in SERVED:
+            try:
+                deployment = client.read_deployment_by_name(f"vit-pipeline/{name}")
+            except ObjectNotFound:
+                continue
+            if deployment.work_pool_name:
+                pooled.append(deployment)
+        listed = ", ".join(f"vit-pipeline/{d.name} (work pool {d.work_pool_name})" for d in pooled)
+        if pooled and not replace:
+            return (f"{listed} already exist on {url}, run by a worker (`make serve`, `prefect deploy`): run them "
+                    f"with `prefect deployment run`, or pass --replace to serve them from this process instead "
+                    f"(`prefect deploy --all` puts them back on the work pool)")
+        for deployment in pooled:
+            client.delete_deployment(deployment.id)
+        if pooled:
+            print(f"vitflow serve: {listed} replaced: this process serves them now", file=sys.stderr)
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the flow's deployments from this process (no work pool needed); Ctrl-C stops serving."""
     try:
@@ -197,14 +252,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"vitflow: {exc}", file=sys.stderr)
         return 2
+    problem = prepare_serving(args.cron, args.replace)
+    if problem is not None:
+        print(f"vitflow serve: {problem}", file=sys.stderr)
+        return 2
     from prefect import serve
 
     from flows.vit_pipeline import vit_pipeline
 
     parameters = {"config": args.config, "overrides": args.set}
     serve(
-        vit_pipeline.to_deployment(name="seed-study", parameters=parameters, tags=["vitflow", "manual"]),
-        vit_pipeline.to_deployment(name="scheduled-retraining", parameters=parameters, cron=args.cron,
+        vit_pipeline.to_deployment(name=SERVED[0], parameters=parameters, tags=["vitflow", "manual"]),
+        vit_pipeline.to_deployment(name=SERVED[1], parameters=parameters, cron=args.cron,
                                    tags=["vitflow", "scheduled"]),
     )
     return 0
@@ -233,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     srv.add_argument("--cron", default="0 3 * * 1",
                      help="schedule of scheduled-retraining, UTC (default: Mondays 03:00)")
+    srv.add_argument("--replace", action="store_true",
+                     help="take over deployments of the same names that a worker runs (prefect.yaml's, on a work "
+                          "pool): delete them, then serve them from this process")
     srv.set_defaults(func=cmd_serve)
     from flows.consume_cli import add_parsers  # predict, evaluate
     add_parsers(sub)

@@ -181,3 +181,73 @@ def _wait_text(browser, *needles: str, seconds: float = 60) -> str:
         if time.time() > deadline:
             raise AssertionError(f"MLflow UI never showed {needles}; page text: {text[:2000]}")
         time.sleep(0.5)
+
+
+def _serve(env, log: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([str(REPO / ".venv" / "bin" / "python"), "-m", "flows.cli", "serve", *args], cwd=REPO,
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_vitflow_serve_refuses_what_it_cannot_serve(tmp_path, data_root):
+    """No server (Prefect's temporary one runs no scheduler), a server that does not answer, a bad cron: exit 2
+    with one line naming the problem and the fix, before anything starts."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), VITFLOW_DATA_DIR=str(data_root))
+    cases = [({}, [], "PREFECT_API_URL is not set", "runs no scheduler"),
+             ({"PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api"}, [], "does not answer",
+              "prefect server start"),
+             ({}, ["--cron", "every monday"], "'every monday' is not a cron expression", "0 3 * * 1")]
+    for extra_env, args, problem, fix in cases:
+        log = tmp_path / "serve.log"
+        proc = _serve({**env, **extra_env}, log, "--config", "smoke", *args)
+        assert proc.wait(timeout=120) == 2, log.read_text()[-3000:]
+        lines = log.read_text().strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("vitflow serve: "), lines[-20:]
+        assert problem in lines[0] and fix in lines[0], lines[0]
+    assert not (tmp_path / "prefect-home" / "prefect.db").exists()  # no temporary server was started
+
+
+def test_vitflow_serve_runs_its_deployments(stack, tmp_path):
+    """`vitflow serve` (no work pool) against the stack's Prefect server. The stack's work-pool deployments have
+    the same names: it refuses to take them over unless --replace. With it, it registers both deployments with its
+    cron, runs a `prefect deployment run` itself (the stack's worker polls its work pool only), and Ctrl-C stops
+    it. Last in this module: the work-pool deployments are gone afterwards."""
+    from mlflow.tracking import MlflowClient
+
+    env, _ = stack
+    log = tmp_path / "serve.log"
+    refused = _serve(env, log, "--config", "smoke")
+    assert refused.wait(timeout=120) == 2, log.read_text()[-3000:]
+    message = log.read_text().strip()
+    assert "vit-pipeline/seed-study (work pool vitflow-pool)" in message and "--replace" in message, message
+    assert _prefect(env, "deployment", "inspect", "vit-pipeline/seed-study").returncode == 0  # left as it was
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("vitflow-smoke")
+    studies = "tags.`vitflow.role` = 'study'"
+    before = len(client.search_runs([exp.experiment_id], studies)) if exp else 0
+    proc = _serve(env, log, "--config", "smoke", "--cron", "0 5 * * *", "--replace")
+    try:
+        deadline = time.time() + 120
+        while True:  # registered once the cron of its scheduled deployment shows (the work pool's is 0 3 * * 1)
+            shown = _prefect(env, "deployment", "inspect", "vit-pipeline/scheduled-retraining")
+            if shown.returncode == 0 and "0 5 * * *" in shown.stdout:
+                break
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        assert "vitflow-pool" not in shown.stdout, shown.stdout
+        ran = _deployment_run(env)
+        assert ran.returncode == 0 and "Completed" in ran.stdout, ran.stdout[-3000:] + log.read_text()[-3000:]
+        flow_run = ran.stdout.split("Created flow run '", 1)[1].split("'", 1)[0]
+        assert f"Beginning flow run '{flow_run}'" in log.read_text()  # executed by the serving process
+        runs = client.search_runs([client.get_experiment_by_name("vitflow-smoke").experiment_id], studies)
+        assert len(runs) == before + 1 and all(r.info.status == "FINISHED" for r in runs)
+    finally:
+        os.killpg(proc.pid, 2)  # Ctrl-C
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            raise
+    assert code in (0, 130), log.read_text()[-3000:]
+    assert not _pgid_alive(proc.pid)

@@ -214,8 +214,8 @@ def prepare_serving(cron: str, replace: bool) -> str | None:
         return (f"--cron {cron!r} is not a cron expression (five fields, UTC: minute hour day month weekday, "
                 f"e.g. '0 3 * * 1')")
     url = PREFECT_API_URL.value()
-    start = ("start one with `make serve` (it points the active Prefect profile at it) or `prefect server start`, "
-             "then set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+    start = ("start one with `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api (`make serve` "
+             "starts one too, with a worker that runs these deployments already)")
     if not url:
         return ("no Prefect server to serve the deployments to: PREFECT_API_URL is not set. Prefect's temporary API "
                 "server runs no scheduler and stops with this process, so the scheduled retraining would never "

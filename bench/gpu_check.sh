@@ -188,7 +188,7 @@ for stage in "${STAGES[@]}"; do
       run_study seed-resumed "$limit" --config "$SEED_CONFIG" ;;  # same stores: every fold reused
     folds)
       limit=$(fits folds-5-epochs 100 50) || continue
-      run_bench folds-5-epochs "$limit" "batched folds over $FOLD_EPOCHS epochs (seed model; the seed study's CV trains 5)" \
+      run_bench folds-5-epochs "$limit" "batched folds over $FOLD_EPOCHS epochs, as the seed study's CV trains them (seed model)" \
         --models seed "${FOLD_ARGS[@]}" --epochs "$FOLD_EPOCHS" --no-fit ;;
     throughput)
       limit=$(fits train-throughput 120 60) || continue

@@ -237,7 +237,7 @@ def prepare_serving(cron: str, replace: bool) -> str | None:
         if pooled and not replace:
             return (f"{listed} already exist on {url}, run by a worker (`make serve`, `prefect deploy`): run them "
                     f"with `prefect deployment run`, or pass --replace to serve them from this process instead "
-                    f"(`prefect deploy --all` puts them back on the work pool)")
+                    f"(`VITFLOW_HOME=$PWD prefect deploy --all`, as `make serve` runs it, puts them back)")
         for deployment in pooled:
             client.delete_deployment(deployment.id)
         if pooled:

@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -184,7 +185,7 @@ def _wait_text(browser, *needles: str, seconds: float = 60) -> str:
 
 
 def _serve(env, log: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([str(REPO / ".venv" / "bin" / "python"), "-m", "flows.cli", "serve", *args], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", *args], cwd=REPO,
                             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 

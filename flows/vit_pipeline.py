@@ -112,7 +112,7 @@ def aggregate(study: steps.Study, fold_results: list[dict[str, Any]]) -> list[di
 
 @task(name="retrain-best", cache_policy=NO_CACHE)
 def retrain(study: steps.Study, leaderboard: list[dict[str, Any]]):
-    return steps.retrain(study, leaderboard)
+    return steps.retrain(study, leaderboard, log=get_run_logger().info)  # progress lines in the task's log
 
 
 @task(name="export-onnx", cache_policy=NO_CACHE)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from pipeline.data import DataError, MnistTensors, load_elsewhere, stratified_fo
 from pipeline.export import export_onnx
 from pipeline.inference import OnnxClassifier, evaluate_onnx, preferred_providers
 from pipeline.model import build_model, count_parameters
-from pipeline.report import model_card, version_description
+from pipeline.report import EpochProgress, model_card, version_description
 from pipeline.tracking import Tracker, flatten, git_commit, package_versions, promote
 from pipeline.train import FitResult, TrainingAborted, fit, resolve_device, to_pixels
 
@@ -297,9 +298,11 @@ def close_configuration(study: Study, row: dict[str, Any], run_id: str) -> None:
     study.tracker.end_run(run_id)
 
 
-def retrain(study: Study, leaderboard: list[dict[str, Any]]) -> tuple[FitResult, str]:
+def retrain(study: Study, leaderboard: list[dict[str, Any]],
+            log: Callable[[str], None] | None = None) -> tuple[FitResult, str]:
     """Retrain the selected configuration on all training images, evaluating on the test set every epoch.
-    The ``final`` run stays open for export, evaluation and registration to log into."""
+    The ``final`` run stays open for export, evaluation and registration to log into. ``log`` gets progress lines
+    (``pipeline.report.EpochProgress``: the first epoch, then about one every 30 s, and the last)."""
     best = study.candidates[leaderboard[0]["candidate_index"]]
     study.selected = best.label
     study.tracker.log_figure(study.run_id, plots.model_selection(leaderboard, best.label),
@@ -312,9 +315,17 @@ def retrain(study: Study, leaderboard: list[dict[str, Any]]) -> tuple[FitResult,
                 **flatten("train", best.train.model_dump(mode="json")),
                 "train_images": len(study.data.train_labels), "test_images": len(study.data.test_labels)})
     data = study.data
+    desc = f"final {best.label}"
+    progress = EpochProgress(desc, best.train.epochs, log) if log is not None else None
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        study.tracker.log_metrics(run_id, metrics, epoch)
+        if progress is not None:
+            progress(epoch, metrics)
+
     result = fit(best.model, best.train, data.train_images, data.train_labels,
                  {"test": (data.test_images, data.test_labels)}, seed=study.cfg.train.seed,
-                 desc=f"final {best.label}", callback=lambda epoch, m: study.tracker.log_metrics(run_id, m, epoch))
+                 desc=desc, callback=on_epoch)
     study.tracker.log_metrics(run_id, {"fit_seconds": result.seconds, "parameters": count_parameters(result.model),
                                        "torch_test_accuracy": 1 - result.final["test_error"]})
     study.tracker.log_figure(run_id, plots.model_selection(leaderboard, best.label), "figures/model_selection.png")

@@ -25,6 +25,12 @@ def test_cli_prints_summary(smoke_runs):
     assert "Wall time:" in out and "study run" in out
     assert "Throughput:      " in out and "images/s (CPUExecutionProvider, 500 images in batches of 1024)" in out
     assert "Model card:      model_card.md on final run" in out
+    # the retraining's progress lines in the task's log (what the Prefect UI shows): its first and last epoch
+    progress = re.findall(r"Task run 'retrain-best-\w+' - final (\S+): epoch (\d)/2, test_error (0\.\d{4}), "
+                          r"train_loss \d+\.\d{4}, \d+\.\d s per epoch, (about .+ left|.+ in all)", first.stderr)
+    assert [(epoch, tail.startswith("about")) for _, epoch, _, tail in progress] == [("1", True), ("2", False)], \
+        first.stderr[-3000:]
+    assert progress[0][0] in out  # the selected configuration's label, as the summary names it
 
 
 def test_run_tree(mlflow_client):

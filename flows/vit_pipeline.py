@@ -86,7 +86,7 @@ def train_fold(study: Opaque, index: int, fold_index: int, configuration_run_id:
     where = dask_runner.worker_tags()
     if "dask.worker" in where:
         configure_threads(study.cfg.train.threads or 1)  # one torch thread per Dask thread
-    result = steps.train_fold(study, index, fold_index, configuration_run_id, tags=where)
+    result = steps.train_fold(study, index, fold_index, configuration_run_id, tags=where, log=get_run_logger().info)
     get_run_logger().info("%s fold %d: val_error %.4f (%.1f s) on %s", label, fold_number, result["val_error"],
                           result["seconds"], where.get("dask.worker", where["host"]))
     return result
@@ -99,7 +99,7 @@ def train_configuration(study: Opaque, index: int, configuration_run_id: str, la
     """The k folds of one configuration as one stacked model (cv.batch_folds; CUDA by default), one run each."""
     study: steps.Study = study.value
     where = dask_runner.worker_tags()
-    results = steps.train_folds_batched(study, index, configuration_run_id, tags=where)
+    results = steps.train_folds_batched(study, index, configuration_run_id, tags=where, log=get_run_logger().info)
     get_run_logger().info("%s: %d folds in %.1f s, val_error %s", label, folds, results[0]["seconds"],
                           ", ".join(f"{r['val_error']:.4f}" for r in results))
     return results

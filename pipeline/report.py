@@ -189,22 +189,30 @@ class EpochProgress:
     ``final depth=4: epoch 5/22, test_error 0.0153, train_loss 0.6418, 28.9 s per epoch, about 8 min 12 s left``
 
     The time per epoch leaves out the first epoch once there are others: on CUDA it includes the warm-up and the
-    graph capture. ``clock`` is for tests."""
+    graph capture. ``quiet`` (for the many short trainings of a CV): no line at all for a training that its first
+    epoch says will be over within ``every`` seconds, and a last line only after earlier ones. ``clock`` is for
+    tests."""
 
     def __init__(self, desc: str, epochs: int, emit: Callable[[str], None], every: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.desc, self.epochs, self.emit, self.every, self.clock = desc, epochs, emit, every, clock
+                 quiet: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+        self.desc, self.epochs, self.emit, self.every, self.quiet, self.clock = desc, epochs, emit, every, quiet, clock
         self.seconds: list[float] = []
         self.last: float | None = None
+        self.started = clock()
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
         self.seconds.append(float(metrics.get("epoch_seconds", 0.0)))
         now = self.clock()
-        if epoch not in (1, self.epochs) and self.last is not None and now - self.last < self.every:
-            return
-        self.last = now
         steady = self.seconds[1:] or self.seconds
         per_epoch = sum(steady) / len(steady)
+        if self.last is None:
+            due = epoch == 1 and not (self.quiet and per_epoch * self.epochs <= self.every)
+            due = due or now - self.started >= self.every
+        else:
+            due = epoch == self.epochs or now - self.last >= self.every
+        if not due:
+            return
+        self.last = now
         errors = [f"{name} {value:.4f}" for name, value in metrics.items()
                   if name.endswith("_error") and name != "train_error"]
         parts = [f"epoch {epoch}/{self.epochs}", *errors]

@@ -28,6 +28,7 @@ from pipeline.tracking import Tracker, flatten, git_commit, package_versions, pr
 from pipeline.train import FitResult, TrainingAborted, fit, resolve_device, to_pixels
 
 ROLE = "vitflow.role"
+PROGRESS_EVERY_S = 30.0  # at most one progress line per training this often (pipeline.report.EpochProgress)
 PIPELINE_DIR = Path(__file__).resolve().parent
 
 
@@ -176,10 +177,11 @@ def fold_seed(study: Study, fold_index: int) -> int:
 
 
 def train_fold(study: Study, index: int, fold_index: int, configuration_run_id: str,
-               tags: dict[str, Any] | None = None) -> dict[str, Any]:
+               tags: dict[str, Any] | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train one configuration on one fold; per-epoch metrics go to a fold run under the configuration's run,
     with ``tags`` saying where it ran (host, Dask worker). The returned dict is plain JSON (it is what the
-    result store keeps for a resumed study)."""
+    result store keeps for a resumed study). ``log`` gets progress lines when the fold takes longer than 30 s
+    (``pipeline.report.EpochProgress``, quiet)."""
     study.ensure_data()
     cand = study.candidates[index]
     k = study.cfg.cv.folds
@@ -192,9 +194,10 @@ def train_fold(study: Study, index: int, fold_index: int, configuration_run_id: 
                            params=_fold_params(study, fold_index)) as run_id:
         if study.abort.is_set():
             raise TrainingAborted(f"{cand.label} {name}: not started because the study is stopping")
+        on_epoch = _epoch_callback(study, [run_id], f"{cand.label} {name}", cand.cv_train.epochs, log)
         result = fit(cand.model, cand.cv_train, x[train_idx], y[train_idx], {"val": (x[val_idx], y[val_idx])},
                      seed=fold_seed(study, fold_index), desc=f"{cand.label} {name}", should_stop=study.abort.is_set,
-                     callback=lambda epoch, m: study.tracker.log_metrics(run_id, m, step=epoch))
+                     callback=lambda epoch, m: on_epoch(0, epoch, m))
         study.tracker.log_metrics(run_id, {"fit_seconds": result.seconds})
     return {"candidate_index": index, "fold_index": fold_index, "run_id": run_id,
             "configuration_run_id": configuration_run_id, "history": result.history,
@@ -202,11 +205,28 @@ def train_fold(study: Study, index: int, fold_index: int, configuration_run_id: 
             **result.final}
 
 
+def _epoch_callback(study: Study, run_ids: list[str], desc: str, epochs: int, log: Callable[[str], None] | None,
+                    quiet: bool = True) -> Callable[[int, int, dict[str, float]], None]:
+    """``(model index, epoch, metrics)`` -> the metrics into that model's MLflow run and, with ``log``, a progress
+    line now and then (one reporter per model; with several, each line names its fold)."""
+    reporters = ([EpochProgress(desc if len(run_ids) == 1 else f"{desc} fold {f + 1}/{len(run_ids)}", epochs, log,
+                                every=PROGRESS_EVERY_S, quiet=quiet) for f in range(len(run_ids))]
+                 if log is not None else [])
+
+    def on_epoch(f: int, epoch: int, metrics: dict[str, float]) -> None:
+        study.tracker.log_metrics(run_ids[f], metrics, step=epoch)
+        if reporters:
+            reporters[f](epoch, metrics)
+    return on_epoch
+
+
 def train_folds_batched(study: Study, index: int, configuration_run_id: str,
-                        tags: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                        tags: dict[str, Any] | None = None,
+                        log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """All k folds of one configuration trained together as one stacked model (pipeline.batched.fit_folds), one
     task instead of k (on an H100 the earlier vmap version's 3 folds cost 2.4x one fold: bench/README.md). Each
-    fold still gets its own run with its own per-epoch metrics, and the same result dict as ``train_fold``."""
+    fold still gets its own run with its own per-epoch metrics, and the same result dict as ``train_fold``.
+    ``log``: progress lines, as for ``train_fold``."""
     from pipeline.batched import fit_folds
 
     study.ensure_data()
@@ -224,7 +244,7 @@ def train_folds_batched(study: Study, index: int, configuration_run_id: str,
         results = fit_folds(cand.model, cand.cv_train, x, y, study.folds,
                             [fold_seed(study, f) for f in range(k)], desc=f"{cand.label} {k} folds",
                             should_stop=study.abort.is_set,
-                            callback=lambda f, epoch, m: study.tracker.log_metrics(run_ids[f], m, step=epoch))
+                            callback=_epoch_callback(study, run_ids, f"{cand.label}", cand.cv_train.epochs, log))
         for run_id, result in zip(run_ids, results):
             study.tracker.log_metrics(run_id, {"fit_seconds": result.seconds})
     return [{"candidate_index": index, "fold_index": f, "run_id": run_ids[f],
@@ -316,16 +336,10 @@ def retrain(study: Study, leaderboard: list[dict[str, Any]],
                 "train_images": len(study.data.train_labels), "test_images": len(study.data.test_labels)})
     data = study.data
     desc = f"final {best.label}"
-    progress = EpochProgress(desc, best.train.epochs, log) if log is not None else None
-
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        study.tracker.log_metrics(run_id, metrics, epoch)
-        if progress is not None:
-            progress(epoch, metrics)
-
+    on_epoch = _epoch_callback(study, [run_id], desc, best.train.epochs, log, quiet=False)
     result = fit(best.model, best.train, data.train_images, data.train_labels,
                  {"test": (data.test_images, data.test_labels)}, seed=study.cfg.train.seed,
-                 desc=desc, callback=on_epoch)
+                 desc=desc, callback=lambda epoch, m: on_epoch(0, epoch, m))
     study.tracker.log_metrics(run_id, {"fit_seconds": result.seconds, "parameters": count_parameters(result.model),
                                        "torch_test_accuracy": 1 - result.final["test_error"]})
     study.tracker.log_figure(run_id, plots.model_selection(leaderboard, best.label), "figures/model_selection.png")

@@ -31,6 +31,9 @@ def test_cli_prints_summary(smoke_runs):
     assert [(epoch, tail.startswith("about")) for _, epoch, _, tail in progress] == [("1", True), ("2", False)], \
         first.stderr[-3000:]
     assert progress[0][0] in out  # the selected configuration's label, as the summary names it
+    # folds of a second or two say nothing until they finish (their progress lines start past 30 s)
+    lines = [line for line in first.stderr.splitlines() if re.search(r": epoch \d+/\d+, ", line)]
+    assert len(lines) == 2 and all("Task run 'retrain-best-" in line for line in lines), lines
 
 
 def test_run_tree(mlflow_client):

@@ -31,3 +31,60 @@ def test_a_one_epoch_training_reports_once():
     lines: list[str] = []
     EpochProgress("final", 1, lines.append)(1, {"val_error": 0.1, "epoch_seconds": 3.0})
     assert lines == ["final: epoch 1/1, val_error 0.1000, 3.0 s per epoch, 3 s in all"]
+
+
+def _run(progress: EpochProgress, now: list[float], seconds: list[float]) -> None:
+    for epoch, s in enumerate(seconds, 1):
+        now[0] += s
+        progress(epoch, {"val_error": 0.05, "epoch_seconds": s})
+
+
+def test_quiet_says_nothing_for_a_short_training():
+    now, lines = [0.0], []
+    _run(EpochProgress("blocks=2 fold 1/3", 5, lines.append, quiet=True, clock=lambda: now[0]), now, [2.0] * 5)
+    assert lines == []
+
+
+def test_quiet_reports_a_long_training_from_its_first_epoch():
+    now, lines = [0.0], []
+    _run(EpochProgress("depth=4 fold 1/2", 3, lines.append, quiet=True, clock=lambda: now[0]), now, [40.0] * 3)
+    assert [line.split(", ")[0] for line in lines] == ["depth=4 fold 1/2: epoch 1/3", "depth=4 fold 1/2: epoch 2/3",
+                                                        "depth=4 fold 1/2: epoch 3/3"]
+
+
+def test_quiet_speaks_up_when_a_training_turns_out_slower_than_its_first_epoch_said():
+    now, lines = [0.0], []
+    # the first epoch promises 4 x 5 s; the next take 20 s: a line once 30 s have passed (epoch 3, at 45 s), the last
+    _run(EpochProgress("fold", 4, lines.append, quiet=True, clock=lambda: now[0]), now, [5.0, 20.0, 20.0, 20.0])
+    assert [line.split(", ")[0] for line in lines] == ["fold: epoch 3/4", "fold: epoch 4/4"], lines
+
+
+def test_fold_tasks_and_the_retraining_report_through_the_study_steps(data_root, tmp_path, monkeypatch):
+    """The steps the flow's tasks call pass their progress to ``log``: one fold, the k batched folds (a line per
+    fold), the retraining. With PROGRESS_EVERY_S at 0 every epoch is due, so even the smoke preset's folds speak."""
+    from pipeline import study as steps
+    from pipeline.config import load_config
+    from pipeline.data import load, verify
+    from pipeline.tracking import Tracker
+
+    monkeypatch.setattr(steps, "PROGRESS_EVERY_S", 0.0)
+    cfg = load_config("smoke", ["tracking.experiment=progress", "train.device=cpu", "cv.grid={model.depth: [1]}",
+                                "data.train_subset=600", "data.test_subset=200"])
+    study = steps.Study(cfg=cfg, data=load(cfg.data, root=data_root, md5=verify(data_root)),
+                        tracker=Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", cfg.experiment_name))
+    steps.start_study(study)
+    configuration = steps.start_configuration(study, 0)
+    one, batched, final = [], [], []
+    results = [steps.train_fold(study, 0, 0, configuration, log=one.append)]
+    results += steps.train_folds_batched(study, 0, configuration, log=batched.append)[1:]
+    leaderboard = steps.aggregate(study, results)
+    steps.close_configuration(study, leaderboard[0], configuration)
+    steps.retrain(study, leaderboard, log=final.append)
+    study.tracker.end_run(study.run_id)
+    label = study.candidates[0].label
+    assert [line.split(", val_error")[0] for line in one] == [f"{label} fold 1/2: epoch 1/2",
+                                                              f"{label} fold 1/2: epoch 2/2"], one
+    assert sorted(line.split(", val_error")[0] for line in batched) == [
+        f"{label} fold {f}/2: epoch {e}/2" for f in (1, 2) for e in (1, 2)], batched
+    assert [line.split(", test_error")[0] for line in final] == [f"final {label}: epoch 1/2",
+                                                                 f"final {label}: epoch 2/2"], final

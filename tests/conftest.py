@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+# Ctrl-C from a terminal reaches processes whose SIGINT is at its default. Started as a background job of a
+# non-interactive shell (`make test &`), pytest inherits SIGINT (and SIGQUIT) ignored, and so would every study and
+# server the tests start (an ignored signal stays ignored across exec): tests/test_resilience.py's Ctrl-C and
+# tests/test_stack.py's Ctrl-C of `vitflow serve` would then be ignored. A handler here makes the children's SIGINT
+# the default again (a caught signal is reset by exec), as a terminal's foreground job has it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _data_root() -> Path:

@@ -244,7 +244,7 @@ def train_folds_batched(study: Study, index: int, configuration_run_id: str,
         results = fit_folds(cand.model, cand.cv_train, x, y, study.folds,
                             [fold_seed(study, f) for f in range(k)], desc=f"{cand.label} {k} folds",
                             should_stop=study.abort.is_set,
-                            callback=_epoch_callback(study, run_ids, f"{cand.label}", cand.cv_train.epochs, log))
+                            callback=_epoch_callback(study, run_ids, cand.label, cand.cv_train.epochs, log))
         for run_id, result in zip(run_ids, results):
             study.tracker.log_metrics(run_id, {"fit_seconds": result.seconds})
     return [{"candidate_index": index, "fold_index": f, "run_id": run_ids[f],

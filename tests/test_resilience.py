@@ -4,7 +4,6 @@ Prefect API server must not outlive it), and concurrent fold tasks against SQLit
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -117,14 +116,16 @@ def test_concurrent_fold_tasks_lose_no_metric_point(uninterrupted):
 
 
 def _stored_folds(env) -> int:
-    """How many fold results the study's result store holds intact (a SIGKILL may land while Prefect writes one:
-    such a record is unreadable, and a re-run must treat it as missing and train the fold again)."""
+    """How many fold results the study's result store holds intact, read as Prefect reads them when it looks a
+    fold up (a SIGKILL may land while Prefect writes one: such a record is unreadable, and a re-run must treat it as
+    missing and train the fold again)."""
+    from prefect.results import ResultRecord
+
     count = 0
     for path in Path(env["VITFLOW_RESULTS_DIR"]).glob("*"):
         try:
-            record = json.loads(path.read_text())
-            count += "fold_index" in json.loads(record["result"])
-        except (OSError, ValueError, KeyError, TypeError):
+            count += "fold_index" in ResultRecord.deserialize(path.read_bytes()).result
+        except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
             pass
     return count
 

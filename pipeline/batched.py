@@ -125,6 +125,21 @@ def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     return torch.addcmul(bias.view(shape), F.layer_norm(x, x.shape[-1:], eps=eps), weight.view(shape))
 
 
+def _conv_stem(stem: torch.nn.Sequential, params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """k conv stems at once: x (k, B, C, H, W) -> tokens (k, B, h * w, dim). The models' channels lie side by side,
+    (B, k * C, H, W), and each convolution is one grouped convolution (groups=k): model i's channels through model
+    i's kernels only."""
+    k, b = x.shape[:2]
+    x = x.transpose(0, 1).reshape(b, -1, *x.shape[-2:])
+    for i, layer in enumerate(stem):
+        if isinstance(layer, torch.nn.Conv2d):
+            x = F.conv2d(x, params[f"stem.{i}.weight"].flatten(0, 1), params[f"stem.{i}.bias"].flatten(),
+                         stride=layer.stride, padding=layer.padding, groups=k)
+        else:
+            x = layer(x)
+    return x.view(b, k, -1, x.shape[-2] * x.shape[-1]).permute(1, 0, 3, 2)  # grid row-major, as ViT.tokens
+
+
 def stacked_forward(template: ViT, params: dict[str, Tensor], pixels: Tensor, *,
                     explicit_attention: bool = False) -> Tensor:
     """``ViT.forward`` of k models at once, with batched weights: ``params`` maps each of ``template``'s parameter
@@ -148,7 +163,10 @@ def stacked_forward(template: ViT, params: dict[str, Tensor], pixels: Tensor, *,
         return _layer_norm(x, params[f"{name}.weight"], params[f"{name}.bias"], module.eps)
 
     x = (pixels.flatten(0, 1) - template.pixel_mean) / template.pixel_std
-    x = linear(patchify(x, cfg.patch_size).view(k, b, template.num_patches, -1), "patch_embed")
+    if cfg.stem == "conv":
+        x = _conv_stem(template.stem, params, x.view(k, b, *x.shape[1:]))
+    else:
+        x = linear(patchify(x, cfg.patch_size).view(k, b, template.num_patches, -1), "patch_embed")
     x = torch.cat([params["cls_token"].view(k, 1, 1, cfg.dim).expand(k, b, 1, cfg.dim), x], dim=2)
     pos = params["pos_embed"] if "pos_embed" in params else template.pos_embed  # learned (k, 1, T, d) or fixed
     x = template.dropout(x + pos)

@@ -32,6 +32,19 @@ def patchify(images: Tensor, patch_size: int) -> Tensor:
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
 
 
+def conv_stem(cfg: ModelConfig) -> nn.Sequential:
+    """The conv stem (``model.stem: conv``): log2(patch_size) 3x3 stride-2 convolutions with GELU, stem_channels
+    doubling each time, then a 1x1 convolution to ``dim``: (B, C, H, W) -> (B, dim, H/p, W/p), the grid ``patchify``
+    makes, so the tokens, positions and everything after them are those of the patch stem."""
+    layers: list[nn.Module] = []
+    channels = cfg.channels
+    for i in range(cfg.patch_size.bit_length() - 1):
+        out = cfg.stem_channels * 2**i
+        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GELU()]
+        channels = out
+    return nn.Sequential(*layers, nn.Conv2d(channels, cfg.dim, 1))
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection and PyTorch's scaled-dot-product kernel."""
 
@@ -91,7 +104,10 @@ class ViT(nn.Module):
         patch_dim = cfg.channels * cfg.patch_size**2
         self.register_buffer("pixel_mean", torch.tensor(cfg.input_mean), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.input_std), persistent=False)
-        self.patch_embed = nn.Linear(patch_dim, cfg.dim)
+        if cfg.stem == "conv":
+            self.stem = conv_stem(cfg)
+        else:
+            self.patch_embed = nn.Linear(patch_dim, cfg.dim)
         self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02)
         if cfg.pos_embedding == "learned":
             self.pos_embed = nn.Parameter(torch.randn(1, self.num_patches + 1, cfg.dim) * 0.02)
@@ -107,7 +123,10 @@ class ViT(nn.Module):
     def tokens(self, pixels: Tensor) -> Tensor:
         """Patch embeddings with the class token prepended and positions added: (B, 1 + patches, dim)."""
         x = (pixels - self.pixel_mean) / self.pixel_std
-        x = self.patch_embed(patchify(x, self.cfg.patch_size))
+        if self.cfg.stem == "conv":
+            x = self.stem(x).flatten(2).transpose(1, 2)  # (B, dim, h, w) -> (B, h * w, dim), row-major as patchify
+        else:
+            x = self.patch_embed(patchify(x, self.cfg.patch_size))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.dropout(x + self.pos_embed)
 

@@ -28,8 +28,8 @@ def subset(mnist):
     return x, y, stratified_folds(y, 3, 0)  # 1500 training / 750 validation images per fold
 
 
-def sequential(train_cfg, x, y, folds):
-    return [fit(MODEL, train_cfg, x[tr], y[tr], {"val": (x[va], y[va])}, seed=seed, progress=False)
+def sequential(train_cfg, x, y, folds, model=MODEL):
+    return [fit(model, train_cfg, x[tr], y[tr], {"val": (x[va], y[va])}, seed=seed, progress=False)
             for (tr, va), seed in zip(folds, SEEDS)]
 
 
@@ -61,7 +61,8 @@ def assert_same_training(expected, got, x, folds):
     ModelConfig(dim=16, heads=4, depth=3, mlp_hidden=32, attn_out_proj=True, pos_embedding="learned"),
     ModelConfig(dim=12, heads=3, depth=1, mlp_hidden=8, patch_size=7, pos_base=100, input_mean=0.1307,
                 input_std=0.3081),
-], ids=["seed-like", "out-proj-learned-positions", "patch-7"])
+    ModelConfig(dim=16, heads=2, depth=1, mlp_hidden=16, stem="conv", stem_channels=4, pos_embedding="learned"),
+], ids=["seed-like", "out-proj-learned-positions", "patch-7", "conv-stem"])
 def test_stacked_forward_is_each_models_forward(cfg, mnist):
     """The batched-weights forward of k models equals ViT.forward with each model's own weights, and so do the
     gradients it gives each model's weights."""
@@ -90,6 +91,15 @@ def test_batched_folds_equal_sequential_fits(subset):
     assert [(f, e) for f, e, _ in seen] == [(f, e) for e in (1, 2) for f in range(3)]
     assert [v for f, e, v in seen if e == 2] == [r.final["val_error"] for r in got]
     assert all(type(r.model).__name__ == "ViT" and not r.model.training for r in got)
+
+
+def test_conv_stem_folds_batched_equal_sequential_fits(subset):
+    """The conv stem's grouped convolutions (one per layer for all k folds) train each fold as fit trains it."""
+    x, y, folds = subset
+    model = MODEL.model_copy(update={"stem": "conv", "stem_channels": 4})
+    cfg = TrainConfig(epochs=1, batch_size=128, device="cpu", optimizer="adamw", weight_decay=0.05, grad_clip=1.0)
+    assert_same_training(sequential(cfg, x, y, folds, model),
+                         fit_folds(model, cfg, x, y, folds, SEEDS, progress=False), x, folds)
 
 
 def test_with_augmentation_schedule_label_smoothing_clipping_and_weight_decay(subset):

@@ -65,6 +65,13 @@ def test_invalid_configuration_is_one_clear_line(override, fragment):
     assert "\n" not in message
 
 
+def test_a_conv_stem_needs_a_power_of_2_patch_size():
+    assert load_config("seed", ["model.stem=conv"]).model.stem == "conv"
+    with pytest.raises(ConfigError, match=r"model.stem=conv .* model.patch_size must be a power of 2 \(2, 4, \.\.\.\); "
+                                          r"got 7: use model.stem=patch for it"):
+        load_config("seed", ["model.stem=conv", "model.patch_size=7"])
+
+
 def test_unknown_preset_and_bad_override_syntax():
     with pytest.raises(ConfigError, match="unknown preset 'nope'; choose one of: .*seed"):
         load_config("nope")

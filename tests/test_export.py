@@ -42,3 +42,20 @@ def test_failed_parity_leaves_no_file(trained, mnist, tmp_path):
     with pytest.raises(ExportError, match="differ from PyTorch"):
         export_onnx(trained, path, to_pixels(mnist.test_images[:64]), atol=1e-12)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_conv_stem_exports_with_parity_and_quantizes(mnist, tmp_path):
+    """model.stem=conv: the stem's convolutions are ONNX Conv nodes; parity holds and the int8 file loads."""
+    from pipeline.model import build_model
+    from pipeline.quantize import quantize_int8
+
+    model = build_model(ModelConfig(dim=16, depth=1, stem="conv", stem_channels=8), seed=0).eval()
+    path = tmp_path / "conv.onnx"
+    figures = export_onnx(model, path, to_pixels(mnist.test_images[:64]))
+    assert figures["parity_max_abs_diff"] <= 1e-4
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("Conv") == 3
+    pixels = to_pixels(mnist.test_images[:32])
+    with torch.inference_mode():
+        expected = model(pixels).numpy()
+    int8 = OnnxClassifier(quantize_int8(path), device="cpu").logits(pixels.numpy())
+    assert int8.shape == (32, 10) and abs(int8 - expected).max() < 0.5 * abs(expected).max()

@@ -86,3 +86,25 @@ def test_seeded_build_is_reproducible():
     c = build_model(ModelConfig(), seed=4).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_conv_stem_tokens_sit_on_the_patch_grid():
+    """model.stem=conv: log2(4) = 2 stride-2 3x3 convolutions (1 -> 32 -> 64 channels) and a 1x1 one to dim give
+    the 7x7 grid of 4x4 patches, row-major as patchify orders it: a pixel in patch (i, j) moves token (i, j) and
+    leaves every token two or more cells away untouched (the stem's receptive field is 11x11 pixels)."""
+    cfg = ModelConfig(dim=16, heads=2, depth=1, mlp_hidden=16, stem="conv")
+    model = build_model(cfg, seed=0).eval()
+    assert model.num_patches == 49 and not hasattr(model, "patch_embed")
+    stem_params = (1 * 32 * 9 + 32) + (32 * 64 * 9 + 64) + (64 * 16 + 16)
+    patch_model = build_model(cfg.model_copy(update={"stem": "patch"}), seed=0)
+    assert count_parameters(model) - count_parameters(patch_model) == stem_params - (16 * 16 + 16)
+    images = torch.rand(1, 1, 28, 28)
+    before = model.tokens(images)
+    for i, j in [(0, 0), (3, 5), (6, 2)]:
+        moved = images.clone()
+        moved[0, 0, 4 * i + 1, 4 * j + 2] += 1.0
+        changed = (model.tokens(moved) - before).abs().amax(-1)[0, 1:].view(7, 7) > 1e-6
+        assert changed[i, j]
+        rows, cols = torch.nonzero(changed, as_tuple=True)
+        assert ((rows - i).abs() <= 1).all() and ((cols - j).abs() <= 1).all()
+    assert model(images).shape == (1, 10)

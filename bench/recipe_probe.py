@@ -1,0 +1,67 @@
+"""How a training recipe learns: `fit` of a preset's model on the training images with the preset's recipe, the
+test error after every epoch. A probe of a recipe (shortened: fewer epochs, the schedule fitted to them), not a
+study: no cross-validation, no tracking, no export.
+
+    .venv/bin/python bench/recipe_probe.py --config strong --epochs 10 --set train.warmup_epochs=1
+    .venv/bin/python bench/recipe_probe.py --config strong --epochs 10 --set train.warmup_epochs=1 --set model.stem=conv
+
+Prints a line per epoch as it goes (test and augmented-train error, seconds) and a markdown table at the end. The
+data root is the project's setting ($VITFLOW_DATA_DIR, else the preset's data.root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data import load  # noqa: E402
+from pipeline.model import build_model, count_parameters  # noqa: E402
+from pipeline.train import configure_threads, fit  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="strong", help="preset name or YAML path (default: strong)")
+    parser.add_argument("--epochs", type=int, help="train.epochs (the cosine schedule is fitted to them)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: every core)")
+    args = parser.parse_args(argv)
+    overrides = list(args.set) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
+    cfg = load_config(args.config, overrides)
+    threads = configure_threads(args.threads)
+    data = load(cfg.data)
+    params = count_parameters(build_model(cfg.model, seed=cfg.train.seed))
+    print(f"# {cfg.name} {' '.join(overrides)}: {params:,} parameters, {data.summary()}, "
+          f"{platform.machine()}, {os.cpu_count()} cores, {threads} threads, torch "
+          f"{torch.__version__}, {datetime.date.today()}", flush=True)
+    start = time.perf_counter()
+
+    def report(epoch: int, m: dict[str, float]) -> None:
+        print(f"epoch {epoch:3d}  test error {m['test_error']:.4f}  train error {m['train_error']:.4f}  "
+              f"lr {m['lr']:.2e}  {m['epoch_seconds']:.0f} s  ({time.perf_counter() - start:.0f} s in all)",
+              flush=True)
+
+    result = fit(cfg.model, cfg.train, data.train_images, data.train_labels,
+                 {"test": (data.test_images, data.test_labels)}, callback=report, progress=False)
+    history = result.history
+    print(f"\n{len(history)} epochs in {result.seconds:.0f} s on {result.device}; final test accuracy "
+          f"{100 * (1 - history[-1]['test_error']):.2f}%\n")
+    print("| epoch | " + " | ".join(str(i + 1) for i in range(len(history))) + " |")
+    print("|---|" + "---|" * len(history))
+    print("| test error | " + " | ".join(f"{100 * m['test_error']:.2f}%" for m in history) + " |")
+    print("| train error (augmented) | " + " | ".join(f"{100 * m['train_error']:.1f}%" for m in history) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

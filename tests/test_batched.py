@@ -94,12 +94,16 @@ def test_batched_folds_equal_sequential_fits(subset):
 
 
 def test_conv_stem_folds_batched_equal_sequential_fits(subset):
-    """The conv stem's grouped convolutions (one per layer for all k folds) train each fold as fit trains it."""
+    """The conv stem's grouped convolutions (one per layer for all k folds) train each fold as fit trains it, eagerly
+    and on the CUDA-graph path rehearsed on the CPU (the strong preset's CV and retraining on a GPU)."""
     x, y, folds = subset
     model = MODEL.model_copy(update={"stem": "conv", "stem_channels": 4})
     cfg = TrainConfig(epochs=1, batch_size=128, device="cpu", optimizer="adamw", weight_decay=0.05, grad_clip=1.0)
-    assert_same_training(sequential(cfg, x, y, folds, model),
-                         fit_folds(model, cfg, x, y, folds, SEEDS, progress=False), x, folds)
+    expected = sequential(cfg, x, y, folds, model)
+    assert_same_training(expected, fit_folds(model, cfg, x, y, folds, SEEDS, progress=False), x, folds)
+    vals = [{"val": (x[va], y[va])} for _, va in folds]
+    graphed = train_stacked(model, cfg, x, y, [tr for tr, _ in folds], SEEDS, vals, progress=False, graph=True)
+    assert_same_training(expected, graphed, x, folds)
 
 
 def test_with_augmentation_schedule_label_smoothing_clipping_and_weight_decay(subset):

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import ConfigError, load_config  # noqa: E402
 from pipeline.data import load  # noqa: E402
 from pipeline.model import build_model, count_parameters  # noqa: E402
 from pipeline.train import configure_threads, fit  # noqa: E402
@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: every core)")
     args = parser.parse_args(argv)
     overrides = list(args.set) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
-    cfg = load_config(args.config, overrides)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))  # one line, exit status 2, as vitflow run reports it
     threads = configure_threads(args.threads)
     data = load(cfg.data)
     params = count_parameters(build_model(cfg.model, seed=cfg.train.seed))

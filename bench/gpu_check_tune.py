@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     if not accuracy or not timing:
         print(f"strong-tuned | skipped: no summary in {args.log.name}", file=sys.stderr)
         return 1
-    epochs = load_config(args.config, args.set).train.epochs
+    trained = re.findall(r"Final training: +(\d+)", text)  # under a time budget, fewer than train.epochs
+    epochs = int(trained[-1]) if trained else load_config(args.config, args.set).train.epochs
     n, why = plan(float(accuracy[-1]), args.wall, float(timing[-1][0]), float(timing[-1][1]), epochs, args.target,
                   args.left)
     print(f"strong-tuned | {'skipped: ' if n is None else ''}{why}", file=sys.stderr)

@@ -44,6 +44,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"Test accuracy (ONNX Runtime, {s['provider']}): {n['test_accuracy']}  "
         f"[PyTorch: {n['torch_test_accuracy']}, parity max |diff| {n['parity']}]",
         f"Throughput:      {n['throughput_detail']}",
+        f"Final training:  {report.final_training(s)}",
         f"CV folds:        {s.get('folds_trained', '?')} trained, {s.get('folds_reused', 0)} reused from an earlier "
         f"run of this study" + (" (vitflow run --fresh retrains all)" if s.get("folds_reused") else ""),
         f"Fold tasks:      {s.get('fold_runner', 'local threads')}",

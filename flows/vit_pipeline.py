@@ -111,8 +111,9 @@ def aggregate(study: steps.Study, fold_results: list[dict[str, Any]]) -> list[di
 
 
 @task(name="retrain-best", cache_policy=NO_CACHE)
-def retrain(study: steps.Study, leaderboard: list[dict[str, Any]]):
-    return steps.retrain(study, leaderboard, log=get_run_logger().info)  # progress lines in the task's log
+def retrain(study: steps.Study, leaderboard: list[dict[str, Any]], time_limit_s: float | None = None):
+    return steps.retrain(study, leaderboard, log=get_run_logger().info,  # progress lines in the task's log
+                         time_limit_s=time_limit_s)
 
 
 @task(name="export-onnx", cache_policy=NO_CACHE)
@@ -267,7 +268,12 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh
 
         mark = time.perf_counter()
         configure_threads(cfg.train.threads, 1)  # the retraining runs alone: all cores are its own
-        result, final_run = retrain(quote(study), leaderboard)
+        time_limit_s = steps.retrain_time_limit(cfg, mark - started)
+        if time_limit_s is not None:
+            logger.info("time budget: %.0f s of the flow's %.0f s are left for the retraining (%.0f s so far, %.0f s "
+                        "kept for export, evaluation and registry)", time_limit_s, cfg.time_budget.flow_s,
+                        mark - started, cfg.time_budget.reserve_s)
+        result, final_run = retrain(quote(study), leaderboard, time_limit_s)
         timings["retrain_s"] = time.perf_counter() - mark
 
         mark = time.perf_counter()

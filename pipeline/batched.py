@@ -58,7 +58,8 @@ from tqdm.auto import tqdm
 from pipeline.augment import augment
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.model import ViT, build_model, patchify
-from pipeline.train import FitResult, TrainingAborted, TrainingDiverged, lr_factor, resolve_device, to_pixels
+from pipeline.train import (EpochPlan, FitResult, PlanCallback, TrainingAborted, TrainingDiverged, lr_factor,
+                            resolve_device, to_pixels)
 
 FoldCallback = Callable[[int, int, dict[str, float]], None]
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, which fit uses
@@ -363,6 +364,8 @@ def train_stacked(
     progress: bool | None = None,
     desc: str = "folds",
     graph: bool | None = None,
+    time_limit_s: float | None = None,
+    on_plan: PlanCallback | None = None,
 ) -> list[FitResult]:
     """k models of one configuration trained as one stacked model: model ``i`` from the weights of ``seeds[i]`` on
     ``images[train_indices[i]]`` (None: all of them), evaluated on its own ``eval_sets[i]`` (name -> (images,
@@ -373,6 +376,8 @@ def train_stacked(
     ``graph``: capture the training step as a CUDA graph (None: ``graph_wanted``). The step then reads every
     per-step value (batch indices, masks, Adam's constants) from device tensors through a step counter on the
     device, so one capture serves every step of the run; on the CPU, True rehearses that path without a capture.
+    ``time_limit_s``/``on_plan``: as for ``fit`` (``pipeline.train.EpochPlan``); a new count rewrites the optimizer's
+    step table in place, so a captured graph reads the new schedule.
     """
     k = len(train_indices)
     if k == 0 or len(seeds) != k or len(eval_sets) != k:
@@ -395,7 +400,8 @@ def train_stacked(
         stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream) if stream is not None else nullcontext():
         models, histories, total = _train_stacked(model_cfg, train_cfg, images, labels, train_idx, sizes, seeds,
-                                                  eval_sets, device, graph, callback, should_stop, progress, desc)
+                                                  eval_sets, device, graph, callback, should_stop, progress, desc,
+                                                  EpochPlan(train_cfg, time_limit_s, on_plan, desc))
     if stream is not None:
         stream.synchronize()
     for model in models:  # own storage (on the caller's stream), detached from the stacked tensor
@@ -410,7 +416,7 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
                    train_idx: list[Tensor], sizes: list[int], seeds: Sequence[int],
                    eval_sets: Sequence[dict[str, tuple[Tensor, Tensor]]], device: torch.device, graph: bool,
                    callback: FoldCallback | None, should_stop: Callable[[], bool] | None, progress: bool | None,
-                   desc: str) -> tuple[list[ViT], list[list[dict[str, float]]], float]:
+                   desc: str, plan: EpochPlan) -> tuple[list[ViT], list[list[dict[str, float]]], float]:
     k, bs = len(train_idx), train_cfg.batch_size
     steps = [math.ceil(n / bs) for n in sizes]
     per_epoch = max(steps)
@@ -502,7 +508,9 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
                disable=None if progress is None else not progress, dynamic_ncols=True)
     start = time.perf_counter()
     try:
-        for epoch in range(1, train_cfg.epochs + 1):
+        epoch = 0
+        while epoch < plan.epochs:
+            epoch += 1
             epoch_start = time.perf_counter()
             epoch_order = torch.zeros(k, per_epoch * bs, dtype=torch.long)
             for f in range(k):
@@ -529,10 +537,18 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
             current = by_name(weights.detach())
             evaluated = {name: _evaluate_stacked(template, current, *stacked, train_cfg.eval_batch_size)
                          for name, stacked in stacked_evals.items()}
+            planned = plan.replan(epoch, time.perf_counter() - start)
+            if planned is not None:  # in place: a captured graph keeps reading these tensors
+                new = _step_table(planned, steps, device)
+                for name in _StepTable.__dataclass_fields__:
+                    fresh = getattr(new, name)
+                    getattr(table, name)[:len(fresh)].copy_(fresh)
+                bar.total = planned.epochs * per_epoch
+                bar.refresh()
             epoch_metrics = []
             for f in range(k):
                 metrics = {"train_loss": train_loss[f], "train_error": train_error[f],
-                           "lr": train_cfg.lr * lr_factor(train_cfg, steps[f])(epoch * steps[f])}
+                           "lr": train_cfg.lr * lr_factor(plan.cfg, steps[f])(epoch * steps[f])}
                 for name, (losses, errors) in evaluated.items():
                     metrics[f"{name}_loss"], metrics[f"{name}_error"] = losses[f], errors[f]
                 epoch_metrics.append(metrics)

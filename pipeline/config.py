@@ -167,6 +167,24 @@ class ExportConfig(_Strict):
     int8_max_accuracy_drop: float = Field(0.005, ge=0)  # register the int8 model only within this drop
 
 
+class TimeBudgetConfig(_Strict):
+    """A wall-time budget for the whole flow. The final retraining then trains as many of ``train.epochs`` as fit:
+    after its first epochs it measures their pace and fits the epoch count, and the learning-rate schedule with
+    it, to the time left. The CV is not shortened (its folds are the model selection)."""
+
+    flow_s: float | None = Field(None, gt=0, description="the flow's wall-time budget in seconds, from its start "
+                                                         "to the registered model; None: no budget, train.epochs")
+    reserve_s: float = Field(30.0, ge=0, description="of it, the seconds kept for what follows the retraining "
+                                                     "(ONNX export, evaluation, int8, registry)")
+
+    @model_validator(mode="after")
+    def _reserve_below_budget(self) -> "TimeBudgetConfig":
+        if self.flow_s is not None and self.reserve_s >= self.flow_s:
+            raise ValueError(f"time_budget.reserve_s={self.reserve_s:g} leaves nothing of time_budget.flow_s="
+                             f"{self.flow_s:g} for training; use a reserve below the budget")
+        return self
+
+
 class TrackingConfig(_Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; $MLFLOW_TRACKING_URI wins, default sqlite under mlflow/")
     experiment: str | None = Field(None, description="default: vitflow-<study name>")
@@ -182,6 +200,7 @@ class StudyConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     cv: CVConfig = Field(default_factory=CVConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    time_budget: TimeBudgetConfig = Field(default_factory=TimeBudgetConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")

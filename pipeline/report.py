@@ -67,6 +67,25 @@ def key_numbers(s: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def epochs_trained(s: dict[str, Any]) -> int:
+    """Epochs of the final training: those it trained (fewer than train.epochs under a time budget)."""
+    return int(s.get("epochs_trained") or s["configuration"]["train"]["epochs"])
+
+
+def budgeted(s: dict[str, Any]) -> bool:
+    return (s.get("time_budget") or {}).get("flow_s") is not None
+
+
+def final_training(s: dict[str, Any]) -> str:
+    """``20 epochs`` or, under a time budget, ``22 of train.epochs=30 epochs (time budget: flow 840 s, ...)``."""
+    epochs, cap = epochs_trained(s), s["configuration"]["train"]["epochs"]
+    if not budgeted(s):
+        return f"{epochs} epochs"
+    budget = s["time_budget"]
+    return (f"{epochs} of train.epochs={cap} epochs (time budget: flow {budget['flow_s']:g} s, "
+            f"{budget['reserve_s']:g} s kept after the training)")
+
+
 def _table(pairs: list[tuple[str, str]], header: tuple[str, str]) -> str:
     lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in pairs]
@@ -81,12 +100,13 @@ def known_limits(s: dict[str, Any]) -> list[str]:
         "the test accuracy says nothing about them.",
         "The input must be float32 intensities in [0, 1], shape (N, 1, 28, 28); normalisation is inside the "
         "model. The output is logits; apply softmax for probabilities, which are not calibrated.",
-        f"A deliberately tiny model ({s['parameters']:,} parameters, {s['configuration']['train']['epochs']} "
+        f"A deliberately tiny model ({s['parameters']:,} parameters, {epochs_trained(s)} "
         f"epochs); it is a teaching study, not a state-of-the-art digit reader.",
         f"Model selection used {folds_of(s['leaderboard'])}-fold cross-validation with one seed per fold; the "
         "± is the standard deviation over those few folds, so differences smaller than it are not evidence.",
         "The test set was scored after every epoch of the final training for the learning curves only; it "
-        "chose nothing (selection used the validation folds, the epoch count was fixed in advance).",
+        "chose nothing (selection used the validation folds, the epoch count was "
+        + ("set by the time budget from the pace of the first epochs)." if budgeted(s) else "fixed in advance)."),
         f"Throughput ({s['images_per_second']:,.0f} images/s) was measured once, on the machine that ran the "
         f"study, with {s['provider']}; re-measure on the serving hardware.",
     ]
@@ -149,7 +169,8 @@ def model_card(s: dict[str, Any], max_cv_rows: int | None = None) -> str:
         title, intro, alias,
         "## Test metrics", metrics,
         "## Data", data_lines, md5,
-        "## Configuration", f"Selected **{s['selected']}**; searched: {grid or 'n/a'}.", config,
+        "## Configuration", f"Selected **{s['selected']}**; searched: {grid or 'n/a'}. Final training: "
+                            f"{final_training(s)}.", config,
         "## Model selection", cv_table_markdown(s["leaderboard"], max_cv_rows),
         "## Input and output",
         "`pixels`: float32 (N, 1, 28, 28) in [0, 1], white digit on black -> `logits`: (N, 10) for digits 0-9.",

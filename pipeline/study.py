@@ -318,28 +318,52 @@ def close_configuration(study: Study, row: dict[str, Any], run_id: str) -> None:
     study.tracker.end_run(run_id)
 
 
-def retrain(study: Study, leaderboard: list[dict[str, Any]],
-            log: Callable[[str], None] | None = None) -> tuple[FitResult, str]:
+def retrain_time_limit(cfg: StudyConfig, elapsed_s: float) -> float | None:
+    """Seconds the final retraining may take under ``time_budget`` (None: no budget), after ``elapsed_s`` of the
+    flow: what is left of ``flow_s`` less ``reserve_s``. May be 0 or less: the retraining then trains the epochs
+    it needs to measure its pace (pipeline.train.PLAN_AFTER_EPOCHS) and stops."""
+    budget = cfg.time_budget
+    return None if budget.flow_s is None else budget.flow_s - elapsed_s - budget.reserve_s
+
+
+def retrain(study: Study, leaderboard: list[dict[str, Any]], log: Callable[[str], None] | None = None,
+            time_limit_s: float | None = None) -> tuple[FitResult, str]:
     """Retrain the selected configuration on all training images, evaluating on the test set every epoch.
     The ``final`` run stays open for export, evaluation and registration to log into. ``log`` gets progress lines
-    (``pipeline.report.EpochProgress``: the first epoch, then about one every 30 s, and the last)."""
+    (``pipeline.report.EpochProgress``: the first epoch, then about one every 30 s, and the last).
+    ``time_limit_s`` (from the study's time budget): at most ``train.epochs``, as many as fit in that many seconds
+    (``pipeline.train.EpochPlan``); the planned count is the run's ``epochs_planned`` parameter."""
     best = study.candidates[leaderboard[0]["candidate_index"]]
     study.selected = best.label
     study.tracker.log_figure(study.run_id, plots.model_selection(leaderboard, best.label),
                              "figures/model_selection.png")
     study.tracker.log_figure(study.run_id, plots.fold_curves_grid(leaderboard, best.label), "figures/fold_curves.png")
+    budget = {} if time_limit_s is None else {"time_limit_s": round(time_limit_s, 1)}
     run_id = study.tracker.start_run(
         "final", parent_id=study.run_id,
         tags={ROLE: "final", "configuration": best.label, "study_run_id": study.run_id},
         params={"configuration": best.label, **flatten("model", best.model.model_dump(mode="json")),
-                **flatten("train", best.train.model_dump(mode="json")),
+                **flatten("train", best.train.model_dump(mode="json")), **budget,
                 "train_images": len(study.data.train_labels), "test_images": len(study.data.test_labels)})
     data = study.data
     desc = f"final {best.label}"
-    on_epoch = _epoch_callback(study, [run_id], desc, best.train.epochs, log, quiet=False)
+    progress = EpochProgress(desc, best.train.epochs, log, every=PROGRESS_EVERY_S) if log is not None else None
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        study.tracker.log_metrics(run_id, metrics, step=epoch)
+        if progress is not None:
+            progress(epoch, metrics)
+
+    def on_plan(epochs: int, why: str) -> None:
+        study.tracker.log_params(run_id, {"epochs_planned": epochs})
+        if progress is not None:
+            progress.epochs = epochs
+        if log is not None:
+            log(why)
+
     result = fit(best.model, best.train, data.train_images, data.train_labels,
                  {"test": (data.test_images, data.test_labels)}, seed=study.cfg.train.seed,
-                 desc=desc, callback=lambda epoch, m: on_epoch(0, epoch, m))
+                 desc=desc, callback=on_epoch, time_limit_s=time_limit_s, on_plan=on_plan)
     study.tracker.log_metrics(run_id, {"fit_seconds": result.seconds, "parameters": count_parameters(result.model),
                                        "torch_test_accuracy": 1 - result.final["test_error"]})
     study.tracker.log_figure(run_id, plots.model_selection(leaderboard, best.label), "figures/model_selection.png")
@@ -453,6 +477,7 @@ def summarize(study: Study, leaderboard: list[dict[str, Any]], result: FitResult
         "grid": cfg.cv.grid, "parameters": leaderboard[0]["parameters"],
         "leaderboard": [{k: v for k, v in row.items() if k != "fold_histories"} for row in leaderboard],
         "selected": leaderboard[0]["label"], "final_history": result.history,
+        "epochs_trained": len(result.history), "time_budget": cfg.time_budget.model_dump(mode="json"),
         "onnx_path": str(onnx_path), **parity, **evaluation, "registration": registration, "timings": timings,
     }
 

@@ -18,6 +18,9 @@ from pipeline.config import ModelConfig, TrainConfig
 from pipeline.model import build_model
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+PlanCallback = Callable[[int, str], None]  # (epochs the run will train, why)
+PLAN_AFTER_EPOCHS = 2  # a time limit sets the epoch count after these: the first has one-time costs (warm-up, capture)
+PACE_MARGIN = 1.03  # epochs planned at 3% slower than measured
 
 
 class TrainingDiverged(RuntimeError):
@@ -108,6 +111,47 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     return factor
 
 
+def epochs_within(time_limit_s: float, max_epochs: int, done: int, elapsed_s: float, epoch_s: float) -> int:
+    """How many epochs a run with ``time_limit_s`` trains: the ``done`` ones, plus as many more at ``epoch_s`` each
+    (with PACE_MARGIN) as fit in what is left of the limit after ``elapsed_s``; at most ``max_epochs``."""
+    more = math.floor(max(0.0, time_limit_s - elapsed_s) / (max(epoch_s, 1e-9) * PACE_MARGIN))
+    return max(done, min(max_epochs, done + more))
+
+
+class EpochPlan:
+    """The epoch count of one run under an optional time limit (seconds from the run's start): ``train.epochs``,
+    or after PLAN_AFTER_EPOCHS epochs, fewer if that many would not finish in time at the pace of the last epoch.
+    ``replan`` returns the new TrainConfig (``epochs`` set: the LR schedule then decays to ``min_lr`` at the
+    planned end) when the count changed, else None. A plan within the warm-up (``warmup_epochs`` >=
+    PLAN_AFTER_EPOCHS) changes no learning rate already used; one after it moves the cosine from its value for
+    ``train.epochs`` to the slightly lower one for the planned count (e.g. 0.995 -> 0.993 of lr for 24 -> 20
+    epochs after 2 with a 1-epoch warm-up)."""
+
+    def __init__(self, cfg: TrainConfig, time_limit_s: float | None, on_plan: PlanCallback | None, desc: str):
+        self.cfg, self.limit, self.on_plan, self.desc = cfg, time_limit_s, on_plan, desc
+        self.ends: list[float] = []  # seconds from the start to the end of each epoch
+
+    @property
+    def epochs(self) -> int:
+        return self.cfg.epochs
+
+    def replan(self, done: int, elapsed_s: float) -> TrainConfig | None:
+        """Call at the same point of every epoch (after its evaluation) with the seconds since the run started."""
+        self.ends.append(elapsed_s)
+        if self.limit is None or done != PLAN_AFTER_EPOCHS or self.cfg.epochs <= done:
+            return None
+        epoch_s = self.ends[-1] - self.ends[-2]
+        n = epochs_within(self.limit, self.cfg.epochs, done, elapsed_s, epoch_s)
+        why = (f"{self.desc}: {n} of {self.cfg.epochs} epochs fit the time limit of {self.limit:.0f} s "
+               f"({epoch_s:.2f} s per epoch, {elapsed_s:.1f} s for the first {done})")
+        if self.on_plan is not None:
+            self.on_plan(n, why)
+        if n == self.cfg.epochs:
+            return None
+        self.cfg = self.cfg.model_copy(update={"epochs": n})
+        return self.cfg
+
+
 _COMPILED: dict[tuple[str, str, str], Callable] = {}
 
 
@@ -134,6 +178,8 @@ def fit(
     desc: str = "train",
     progress: bool | None = None,
     should_stop: Callable[[], bool] | None = None,
+    time_limit_s: float | None = None,
+    on_plan: PlanCallback | None = None,
 ) -> FitResult:
     """Train a fresh model; after every epoch report train_loss/train_error (means over the epoch's batches)
     and <name>_loss/<name>_error for each evaluation set, to ``callback`` and into the returned history.
@@ -142,6 +188,9 @@ def fit(
     polled before every batch; when it returns True, TrainingAborted is raised. On CUDA with
     ``train.cuda_graph=auto`` (and no compile or dropout) the steps run as a replayed CUDA graph
     (``pipeline.batched.train_stacked``).
+
+    ``time_limit_s``: train at most ``train.epochs``, fewer when they would not finish within this many seconds of
+    the start (``EpochPlan``); ``on_plan(epochs, why)`` hears the count when it is set.
     """
     seed = train_cfg.seed if seed is None else seed
     device = resolve_device(train_cfg.device)
@@ -152,7 +201,8 @@ def fit(
         # the whole step as one CUDA graph (the same arithmetic; the last batch padded with zero-weight samples).
         return train_stacked(model_cfg, train_cfg, train_images, train_labels, [None], [seed], [eval_sets or {}],
                              callback=None if callback is None else lambda _, epoch, m: callback(epoch, m),
-                             should_stop=should_stop, progress=progress, desc=desc)[0]
+                             should_stop=should_stop, progress=progress, desc=desc, time_limit_s=time_limit_s,
+                             on_plan=on_plan)[0]
     model = build_model(model_cfg, seed=seed).to(device)
     optimizer = _optimizer(model, train_cfg, device)
     images, labels = train_images.to(device), train_labels.to(device)
@@ -168,11 +218,14 @@ def fit(
     forward = model if train_cfg.compile == "off" else compiled_forward(
         model, model_cfg.model_dump_json(), train_cfg.compile)
     result = FitResult(model=model, device=str(device))
+    plan = EpochPlan(train_cfg, time_limit_s, on_plan, desc)
     bar = tqdm(total=train_cfg.epochs * steps, desc=desc, unit="batch", leave=False,
                disable=None if progress is None else not progress, dynamic_ncols=True)
     start = time.perf_counter()
     try:
-        for epoch in range(1, train_cfg.epochs + 1):
+        epoch = 0
+        while epoch < plan.epochs:
+            epoch += 1
             epoch_start = time.perf_counter()
             model.train()
             order = torch.randperm(n, generator=shuffler).to(device)
@@ -207,6 +260,15 @@ def fit(
                 metrics[f"{name}_loss"], metrics[f"{name}_error"] = evaluate(model, x, y, train_cfg.eval_batch_size,
                                                                              device)
             metrics["epoch_seconds"] = time.perf_counter() - epoch_start
+            planned = plan.replan(epoch, time.perf_counter() - start)
+            if planned is not None:
+                if scheduler is not None:  # the next step's learning rate, too, from the new schedule
+                    scheduler.lr_lambdas = [lr_factor(planned, steps)]
+                    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                        group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
+                    metrics["lr"] = optimizer.param_groups[0]["lr"]
+                bar.total = planned.epochs * steps
+                bar.refresh()
             result.history.append(metrics)
             bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k.endswith("error")})
             if callback is not None:

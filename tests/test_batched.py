@@ -212,3 +212,23 @@ def test_graph_path_captures_augmentation(subset):
     vals = [{"val": (x[va], y[va])} for _, va in folds]
     got = train_stacked(MODEL, cfg, x, y, [tr for tr, _ in folds], SEEDS, vals, progress=False, graph=True)
     assert_same_training(sequential(cfg, x, y, folds), got, x, folds)
+
+
+def test_a_planned_epoch_count_rewrites_the_captured_steps_schedule(subset, monkeypatch):
+    """Under a time limit the count is set after 2 epochs (here 3 of 6, standing in for the clock); the graph path
+    then rewrites its optimizer table in place, where a captured graph reads it, and trains as eager fit does."""
+    from pipeline import train as train_lib
+
+    monkeypatch.setattr(train_lib, "epochs_within", lambda *args: 3)
+    x, y, folds = subset
+    tr, va = folds[0]
+    cfg = TrainConfig(epochs=6, batch_size=128, device="cpu", optimizer="adamw", weight_decay=0.05,
+                      schedule="cosine", warmup_epochs=1, min_lr=1e-4)
+    evals = {"test": (x[va], y[va])}
+    plans = []
+    expected = fit(MODEL, cfg, x[tr], y[tr], evals, seed=SEEDS[0], progress=False, time_limit_s=60.0)
+    got = train_stacked(MODEL, cfg, x[tr], y[tr], [None], SEEDS[:1], [evals], progress=False, graph=True,
+                        time_limit_s=60.0, on_plan=lambda n, why: plans.append(n))
+    assert plans == [3] and len(got[0].history) == 3
+    assert_same_training([expected], got, x, [(tr, va)])
+    assert got[0].history[-1]["lr"] == pytest.approx(1e-4)

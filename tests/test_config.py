@@ -56,6 +56,9 @@ def test_config_file_path(tmp_path):
     ("data.train_subset=25", "data.train_subset=25 is too small: a stratified subset needs 3 of each of the 10 "
                              "digits for cv.folds=3; use at least 30"),
     ("data.test_subset=5", "data.test_subset=5 is too small: a stratified subset needs one of each of the 10 digits"),
+    ("time_budget.flow_s=20", "time_budget.reserve_s=30 leaves nothing of time_budget.flow_s=20 for training; use a "
+                              "reserve below the budget"),
+    ("time_budget.flow_s=0", "time_budget.flow_s=0"),
 ])
 def test_invalid_configuration_is_one_clear_line(override, fragment):
     with pytest.raises(ConfigError) as info:
@@ -100,6 +103,16 @@ def test_cv_epochs_shortens_the_folds_only():
     assert all(c.cv_train == c.train for c in load_config("seed").candidates())
     with pytest.raises(ConfigError, match="cv.epochs"):
         load_config("seed", ["cv.epochs=0"])
+
+
+def test_a_time_budget_leaves_the_cv_and_its_cached_folds_alone():
+    """The budget shortens the final retraining only: the CV folds, and so their keys in the result store, are
+    those of the same study without it."""
+    plain, budgeted = load_config("seed"), load_config("seed", ["time_budget.flow_s=600", "time_budget.reserve_s=20"])
+    assert plain.time_budget.flow_s is None and budgeted.time_budget.flow_s == 600
+    assert [c.cv_train for c in plain.candidates()] == [c.cv_train for c in budgeted.candidates()]
+    assert [c.train for c in plain.candidates()] == [c.train for c in budgeted.candidates()]
+    assert plain.fingerprint() != budgeted.fingerprint()  # the study itself differs, and its MLflow params say so
 
 
 @pytest.mark.parametrize("preset", ["cpu", "strong"])

@@ -22,6 +22,7 @@ def test_cli_prints_summary(smoke_runs):
     assert "Study 'smoke' (2 configurations x 2-fold CV" in out
     assert "<- selected" in out and "Test accuracy (ONNX Runtime, CPUExecutionProvider)" in out
     assert "Registered:      models:/vit-mnist-smoke/1 -> @champion (no champion yet)" in out
+    assert "Final training:  2 epochs\n" in out  # smoke's train.epochs, no time budget
     assert "Wall time:" in out and "study run" in out
     assert "Throughput:      " in out and "images/s (CPUExecutionProvider, 500 images in batches of 1024)" in out
     assert "Model card:      model_card.md on final run" in out
@@ -248,3 +249,33 @@ def test_compiled_training_through_the_flow_matches_eager(session_env, mlflow_cl
     for key, metrics in compiled.items():
         assert metrics["val_error"] == pytest.approx(eager[key]["val_error"], abs=0.01), key
         assert metrics["train_loss"] == pytest.approx(eager[key]["train_loss"], rel=1e-3), key
+
+
+def test_a_spent_time_budget_shortens_the_retraining_only(session_env, mlflow_client):
+    """time_budget.flow_s: the retraining gets what is left of the flow's budget. Here the 1 s budget is spent
+    before the retraining starts, so it trains the 2 epochs that measure its pace and stops, with the cosine
+    fitted to those 2 (its learning rate at min_lr at the end); the CV is unchanged and the flow completes."""
+    from .conftest import run_cli
+
+    out = run_cli(["run", "--config", "smoke", "--set", "train.epochs=4", "--set", "cv.epochs=1",
+                   "--set", "train.schedule=cosine", "--set", "train.min_lr=0.0001",
+                   "--set", "time_budget.flow_s=1", "--set", "time_budget.reserve_s=0.5",
+                   "--set", "export.quantize=false", "--set", "tracking.experiment=vitflow-smoke-budget",
+                   "--set", "tracking.registered_model=vit-mnist-smoke-budget"], session_env)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert "Final training:  2 of train.epochs=4 epochs (time budget: flow 1 s, 0.5 s kept after the training)" in log
+    assert "2 of 4 epochs fit the time limit of -" in log  # the retraining's own line, with its (spent) limit
+
+    exp = mlflow_client.get_experiment_by_name("vitflow-smoke-budget")
+    final = _runs(mlflow_client, exp.experiment_id, "final")[0]
+    assert final.info.status == "FINISHED"
+    assert final.data.params["epochs_planned"] == "2" and final.data.params["train.epochs"] == "4"
+    assert float(final.data.params["time_limit_s"]) < 0
+    assert [m.step for m in mlflow_client.get_metric_history(final.info.run_id, "test_error")] == [1, 2]
+    assert final.data.metrics["lr"] == pytest.approx(1e-4)
+    folds = _runs(mlflow_client, exp.experiment_id, "fold")
+    assert len(folds) == 4 and all(len(mlflow_client.get_metric_history(f.info.run_id, "val_error")) == 1
+                                   for f in folds)
+    card = Path(mlflow_client.download_artifacts(final.info.run_id, "model_card.md")).read_text()
+    assert "Final training: 2 of train.epochs=4 epochs" in card and "set by the time budget" in card

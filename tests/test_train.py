@@ -3,7 +3,8 @@ import torch
 
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.model import build_model
-from pipeline.train import TrainingDiverged, evaluate, fit
+from pipeline import train as train_lib
+from pipeline.train import PACE_MARGIN, TrainingDiverged, epochs_within, evaluate, fit
 
 
 @pytest.fixture(scope="module")
@@ -40,3 +41,49 @@ def test_divergence_is_reported(subset):
     x, y, _, _ = subset
     with pytest.raises(TrainingDiverged, match="train.lr=1e\\+30"):
         fit(ModelConfig(depth=1), TrainConfig(epochs=1, lr=1e30, device="cpu"), x[:512], y[:512], progress=False)
+
+
+def strip(history):
+    return [{k: v for k, v in m.items() if k != "epoch_seconds"} for m in history]
+
+
+def test_epochs_within_a_time_limit():
+    # 90 s left at 5 s per epoch (5.15 s with the margin): 17 more after the 2 done
+    assert epochs_within(100, 50, 2, 10, 5) == 2 + int(90 / (5 * PACE_MARGIN)) == 19
+    assert epochs_within(1e6, 50, 2, 10, 5) == 50  # never more than train.epochs
+    assert epochs_within(0, 50, 2, 10, 5) == 2  # the limit already spent: the epochs done, none more
+    assert epochs_within(-30, 50, 2, 10, 5) == 2
+
+
+def test_a_spent_time_limit_stops_after_the_pace_is_measured(subset):
+    """With no time left, fit trains the 2 epochs it needs to measure its pace and stops: with a 2-epoch warm-up,
+    exactly the training of a 2-epoch run (the schedule fitted to the new count, the learning rate used so far
+    unchanged). on_plan hears the count and why."""
+    x, y, xt, yt = subset
+    cfg = TrainConfig(epochs=5, batch_size=128, device="cpu", optimizer="adamw", schedule="cosine",
+                      warmup_epochs=2, min_lr=1e-4)
+    args = (ModelConfig(depth=1), cfg, x[:1000], y[:1000], {"val": (xt, yt)})
+    plans = []
+    budgeted = fit(*args, seed=3, progress=False, time_limit_s=0.0, on_plan=lambda n, why: plans.append((n, why)))
+    short = fit(args[0], cfg.model_copy(update={"epochs": 2}), *args[2:], seed=3, progress=False)
+    assert len(budgeted.history) == 2 and strip(budgeted.history) == strip(short.history)
+    assert all(torch.equal(p, q) for p, q in zip(budgeted.model.parameters(), short.model.parameters()))
+    assert len(plans) == 1 and plans[0][0] == 2 and "2 of 5 epochs fit the time limit of 0 s" in plans[0][1]
+
+    plans.clear()  # a limit that holds every epoch: the count stays, on_plan still says so
+    ample = fit(*args, seed=3, progress=False, time_limit_s=3600.0, on_plan=lambda n, why: plans.append(n))
+    assert len(ample.history) == 5 and plans == [5]
+
+
+def test_a_planned_count_refits_the_schedule(subset, monkeypatch):
+    """The count set after 2 epochs (here 3 of 6, standing in for what the clock would give) trains as a run of 3:
+    the cosine then decays to min_lr at the new end."""
+    monkeypatch.setattr(train_lib, "epochs_within", lambda *args: 3)
+    x, y, xt, yt = subset
+    cfg = TrainConfig(epochs=6, batch_size=128, device="cpu", optimizer="adamw", schedule="cosine",
+                      warmup_epochs=2, min_lr=1e-4)
+    args = (ModelConfig(depth=1), cfg, x[:1000], y[:1000], {"val": (xt, yt)})
+    planned = fit(*args, seed=3, progress=False, time_limit_s=60.0)
+    three = fit(args[0], cfg.model_copy(update={"epochs": 3}), *args[2:], seed=3, progress=False)
+    assert strip(planned.history) == strip(three.history)
+    assert planned.history[-1]["lr"] == pytest.approx(1e-4)

@@ -12,7 +12,8 @@
 #   folds         the seed model's 3 folds stacked vs one after another, 5 epochs as the seed study's CV trains them
 #   strong-tuned  only when strong finished but missed 99.70% or 5 minutes: the strong preset again with as many
 #                 epochs as its measured seconds per epoch fit into 5 minutes (and into the time left); before
-#                 throughput, whose fit-vs-bare ratios were met on an H100 already
+#                 throughput, whose fit-vs-bare ratios were met on an H100 already. The strong preset already fits
+#                 its epochs to the 5 minutes itself (time_budget), so this is the fallback for a run that overran
 #   throughput    fit vs a bare loop and batched folds over 1 epoch, seed model (bench/train_throughput.py)
 #   resumed       the seed study again: every fold from the result store
 #   bigger        fit vs bare loop and batched folds for the dim-64 model

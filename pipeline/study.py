@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -333,6 +334,7 @@ def retrain(study: Study, leaderboard: list[dict[str, Any]], log: Callable[[str]
     (``pipeline.report.EpochProgress``: the first epoch, then about one every 30 s, and the last).
     ``time_limit_s`` (from the study's time budget): at most ``train.epochs``, as many as fit in that many seconds
     (``pipeline.train.EpochPlan``); the planned count is the run's ``epochs_planned`` parameter."""
+    started = time.perf_counter()
     best = study.candidates[leaderboard[0]["candidate_index"]]
     study.selected = best.label
     study.tracker.log_figure(study.run_id, plots.model_selection(leaderboard, best.label),
@@ -363,7 +365,8 @@ def retrain(study: Study, leaderboard: list[dict[str, Any]], log: Callable[[str]
 
     result = fit(best.model, best.train, data.train_images, data.train_labels,
                  {"test": (data.test_images, data.test_labels)}, seed=study.cfg.train.seed,
-                 desc=desc, callback=on_epoch, time_limit_s=time_limit_s, on_plan=on_plan)
+                 desc=desc, callback=on_epoch, on_plan=on_plan,
+                 time_limit_s=None if time_limit_s is None else time_limit_s - (time.perf_counter() - started))
     study.tracker.log_metrics(run_id, {"fit_seconds": result.seconds, "parameters": count_parameters(result.model),
                                        "torch_test_accuracy": 1 - result.final["test_error"]})
     study.tracker.log_figure(run_id, plots.model_selection(leaderboard, best.label), "figures/model_selection.png")

@@ -25,7 +25,7 @@ from pipeline import report as report_lib  # noqa: E402
 from pipeline import study as steps  # noqa: E402
 from pipeline.config import DataConfig, StudyConfig, load_config  # noqa: E402
 from pipeline.tracking import PROJECT_ROOT, Tracker, failure_status, tracking_uri  # noqa: E402
-from pipeline.train import configure_threads, resolve_device  # noqa: E402
+from pipeline.train import PLAN_AFTER_EPOCHS, configure_threads, resolve_device  # noqa: E402
 
 MAX_FOLD_WORKERS = 16
 RESULTS_DIR_ENV = "VITFLOW_RESULTS_DIR"
@@ -269,7 +269,12 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh
         mark = time.perf_counter()
         configure_threads(cfg.train.threads, 1)  # the retraining runs alone: all cores are its own
         time_limit_s = steps.retrain_time_limit(cfg, mark - started)
-        if time_limit_s is not None:
+        if time_limit_s is not None and time_limit_s <= 0:
+            logger.warning("time budget: the flow's %.0f s are spent before the retraining (%.0f s so far, %.0f s "
+                           "kept for export, evaluation and registry); it trains only the %d epochs that measure its "
+                           "pace. Raise time_budget.flow_s, or shorten the CV (cv.epochs, cv.grid)",
+                           cfg.time_budget.flow_s, mark - started, cfg.time_budget.reserve_s, PLAN_AFTER_EPOCHS)
+        elif time_limit_s is not None:
             logger.info("time budget: %.0f s of the flow's %.0f s are left for the retraining (%.0f s so far, %.0f s "
                         "kept for export, evaluation and registry)", time_limit_s, cfg.time_budget.flow_s,
                         mark - started, cfg.time_budget.reserve_s)

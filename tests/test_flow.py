@@ -266,6 +266,7 @@ def test_a_spent_time_budget_shortens_the_retraining_only(session_env, mlflow_cl
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert "Final training:  2 of train.epochs=4 epochs (time budget: flow 1 s, 0.5 s kept after the training)" in log
     assert "2 of 4 epochs fit the time limit of -" in log  # the retraining's own line, with its (spent) limit
+    assert "it trains only the 2 epochs that measure its pace. Raise time_budget.flow_s" in log
 
     exp = mlflow_client.get_experiment_by_name("vitflow-smoke-budget")
     final = _runs(mlflow_client, exp.experiment_id, "final")[0]

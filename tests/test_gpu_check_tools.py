@@ -82,3 +82,19 @@ def test_batched_verdict_rests_on_the_folds_as_the_study_trains_them() -> None:
                     "1-epoch rows, not deciding: 1.70x)")
     missed = folds.replace("| 2.60 | 1.30 |", "| 3.20 | 1.60 |")
     assert verdict("", missed + BENCH)[2].startswith("3 batched folds <= 1.5x one fold: missed (1.60x")
+
+
+def test_tune_reads_the_epochs_a_budgeted_run_trained(tmp_path, capsys) -> None:
+    """Under a time budget the run trains fewer than train.epochs; the plan's seconds per epoch come from the count
+    the summary reports (60 epochs in 180 s: 3.0 s each), not from the preset's maximum (200: 0.9 s each)."""
+    from bench.gpu_check_tune import main
+
+    log = tmp_path / "strong.log"
+    log.write_text("Test accuracy (ONNX Runtime, CUDAExecutionProvider): 99.74%  [PyTorch: 99.74%]\n"
+                   "Final training:  60 of train.epochs=200 epochs (time budget: flow 285 s, 35 s kept after the "
+                   "training)\n"
+                   "Wall time:       380.0 s (data 0.3, CV 60.0, retrain 180.0, export 9.0, evaluate 3.0)\n")
+    assert main(["--log", str(log), "--wall", "400", "--target", "300", "--left", "500"]) == 0
+    out = capsys.readouterr()
+    # 300 s x 0.92 = 276 s, 400 - 180 = 220 s besides the retraining: (276 - 220) / 3.0 -> 18 (with 0.9 s: 62)
+    assert out.out.strip() == "18" and "3.00 s per retraining epoch" in out.err

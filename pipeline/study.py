@@ -195,7 +195,7 @@ def train_fold(study: Study, index: int, fold_index: int, configuration_run_id: 
                            params=_fold_params(study, fold_index)) as run_id:
         if study.abort.is_set():
             raise TrainingAborted(f"{cand.label} {name}: not started because the study is stopping")
-        on_epoch = _epoch_callback(study, [run_id], f"{cand.label} {name}", cand.cv_train.epochs, log)
+        on_epoch = _EpochLog(study, [run_id], f"{cand.label} {name}", cand.cv_train.epochs, log)
         result = fit(cand.model, cand.cv_train, x[train_idx], y[train_idx], {"val": (x[val_idx], y[val_idx])},
                      seed=fold_seed(study, fold_index), desc=f"{cand.label} {name}", should_stop=study.abort.is_set,
                      callback=lambda epoch, m: on_epoch(0, epoch, m))
@@ -206,19 +206,26 @@ def train_fold(study: Study, index: int, fold_index: int, configuration_run_id: 
             **result.final}
 
 
-def _epoch_callback(study: Study, run_ids: list[str], desc: str, epochs: int, log: Callable[[str], None] | None,
-                    quiet: bool = True) -> Callable[[int, int, dict[str, float]], None]:
+class _EpochLog:
     """``(model index, epoch, metrics)`` -> the metrics into that model's MLflow run and, with ``log``, a progress
     line now and then (one reporter per model; with several, each line names its fold)."""
-    reporters = ([EpochProgress(desc if len(run_ids) == 1 else f"{desc} fold {f + 1}/{len(run_ids)}", epochs, log,
-                                every=PROGRESS_EVERY_S, quiet=quiet) for f in range(len(run_ids))]
-                 if log is not None else [])
 
-    def on_epoch(f: int, epoch: int, metrics: dict[str, float]) -> None:
-        study.tracker.log_metrics(run_ids[f], metrics, step=epoch)
-        if reporters:
-            reporters[f](epoch, metrics)
-    return on_epoch
+    def __init__(self, study: Study, run_ids: list[str], desc: str, epochs: int, log: Callable[[str], None] | None,
+                 quiet: bool = True) -> None:
+        self.tracker, self.run_ids = study.tracker, run_ids
+        self.reporters = ([EpochProgress(desc if len(run_ids) == 1 else f"{desc} fold {f + 1}/{len(run_ids)}",
+                                         epochs, log, every=PROGRESS_EVERY_S, quiet=quiet)
+                           for f in range(len(run_ids))] if log is not None else [])
+
+    def __call__(self, f: int, epoch: int, metrics: dict[str, float]) -> None:
+        self.tracker.log_metrics(self.run_ids[f], metrics, step=epoch)
+        if self.reporters:
+            self.reporters[f](epoch, metrics)
+
+    def replan(self, epochs: int) -> None:
+        """The run's epoch count changed (a time budget): the progress lines count to the new one."""
+        for reporter in self.reporters:
+            reporter.epochs = epochs
 
 
 def train_folds_batched(study: Study, index: int, configuration_run_id: str,
@@ -245,7 +252,7 @@ def train_folds_batched(study: Study, index: int, configuration_run_id: str,
         results = fit_folds(cand.model, cand.cv_train, x, y, study.folds,
                             [fold_seed(study, f) for f in range(k)], desc=f"{cand.label} {k} folds",
                             should_stop=study.abort.is_set,
-                            callback=_epoch_callback(study, run_ids, cand.label, cand.cv_train.epochs, log))
+                            callback=_EpochLog(study, run_ids, cand.label, cand.cv_train.epochs, log))
         for run_id, result in zip(run_ids, results):
             study.tracker.log_metrics(run_id, {"fit_seconds": result.seconds})
     return [{"candidate_index": index, "fold_index": f, "run_id": run_ids[f],
@@ -349,23 +356,17 @@ def retrain(study: Study, leaderboard: list[dict[str, Any]], log: Callable[[str]
                 "train_images": len(study.data.train_labels), "test_images": len(study.data.test_labels)})
     data = study.data
     desc = f"final {best.label}"
-    progress = EpochProgress(desc, best.train.epochs, log, every=PROGRESS_EVERY_S) if log is not None else None
-
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        study.tracker.log_metrics(run_id, metrics, step=epoch)
-        if progress is not None:
-            progress(epoch, metrics)
+    on_epoch = _EpochLog(study, [run_id], desc, best.train.epochs, log, quiet=False)
 
     def on_plan(epochs: int, why: str) -> None:
         study.tracker.log_params(run_id, {"epochs_planned": epochs})
-        if progress is not None:
-            progress.epochs = epochs
+        on_epoch.replan(epochs)
         if log is not None:
             log(why)
 
     result = fit(best.model, best.train, data.train_images, data.train_labels,
                  {"test": (data.test_images, data.test_labels)}, seed=study.cfg.train.seed,
-                 desc=desc, callback=on_epoch, on_plan=on_plan,
+                 desc=desc, callback=lambda epoch, m: on_epoch(0, epoch, m), on_plan=on_plan,
                  time_limit_s=None if time_limit_s is None else time_limit_s - (time.perf_counter() - started))
     study.tracker.log_metrics(run_id, {"fit_seconds": result.seconds, "parameters": count_parameters(result.model),
                                        "torch_test_accuracy": 1 - result.final["test_error"]})

@@ -129,7 +129,7 @@ class EpochPlan:
 
     def __init__(self, cfg: TrainConfig, time_limit_s: float | None, on_plan: PlanCallback | None, desc: str):
         self.cfg, self.limit, self.on_plan, self.desc = cfg, time_limit_s, on_plan, desc
-        self.ends: list[float] = []  # seconds from the start to the end of each epoch
+        self.previous_end = 0.0  # seconds from the start to the end of the epoch before
 
     @property
     def epochs(self) -> int:
@@ -137,10 +137,9 @@ class EpochPlan:
 
     def replan(self, done: int, elapsed_s: float) -> TrainConfig | None:
         """Call at the same point of every epoch (after its evaluation) with the seconds since the run started."""
-        self.ends.append(elapsed_s)
+        epoch_s, self.previous_end = elapsed_s - self.previous_end, elapsed_s
         if self.limit is None or done != PLAN_AFTER_EPOCHS or self.cfg.epochs <= done:
             return None
-        epoch_s = self.ends[-1] - self.ends[-2]
         n = epochs_within(self.limit, self.cfg.epochs, done, elapsed_s, epoch_s)
         why = (f"{self.desc}: {n} of {self.cfg.epochs} epochs fit the time limit of {self.limit:.0f} s "
                f"({epoch_s:.2f} s per epoch, {elapsed_s:.1f} s for the first {done})")

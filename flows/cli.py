@@ -32,7 +32,8 @@ def format_summary(s: dict[str, Any]) -> str:
     n = report.key_numbers(s)
     reg = s["registration"]
     t = s["timings"]
-    ui = ("make ui   (then open http://127.0.0.1:5000)" if s["tracking_uri"].startswith("sqlite")
+    port = os.environ.get("MLFLOW_PORT") or "5000"  # what `make ui` binds
+    ui = (f"make ui   (then open http://127.0.0.1:{port})" if s["tracking_uri"].startswith("sqlite")
           else s["tracking_uri"])
     return "\n".join([
         "",
@@ -52,8 +53,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"Registered:      {reg['model_uri']} -> @{reg['alias']} ({reg['reason']})",
         f"Model card:      model_card.md on final run {s['final_run_id']} (also the version's description)",
         f"Wall time:       {n['wall_time']} (data {t['data_s']:.1f}, CV {t['cv_s']:.1f}, retrain "
-        f"{t['retrain_s']:.1f}, export {t['export_s']:.1f}, evaluate {t['evaluate_s']:.1f}, register "
-        f"{t['register_s']:.1f})",
+        f"{t['retrain_s']:.1f}, export {t['export_s']:.1f}, evaluate {t['evaluate_s']:.1f}"
+        + (f", int8 {t['quantize_s']:.1f}" if "quantize_s" in t else "") + f", register {t['register_s']:.1f})",
         f"MLflow:          experiment '{s['experiment']}', study run {s['study_run_id']}",
         f"Look at it:      {ui}",
     ])
@@ -274,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vitflow", description="ViT on MNIST: k-fold model selection as a "
                                      "Prefect flow, tracked in MLflow, exported to ONNX.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a study (cross-validation, retraining, ONNX export, registration)")
+    run = sub.add_parser("run", help="run a study (cross-validation, retraining, ONNX export, registration)",
+                         description="Run a study as a Prefect flow: k-fold cross-validation over the preset's "
+                                     "grid, retraining of the best configuration on all training images, ONNX "
+                                     "export, ONNX Runtime evaluation on the test set, int8 quantization and MLflow "
+                                     "registration. Tracks to $MLFLOW_TRACKING_URI, else mlflow/ in the checkout.")
     run.add_argument("--config", "-c", default="seed",
                      help=f"preset name ({', '.join(list_presets())}) or path to a YAML file (default: seed)")
     run.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
@@ -303,7 +308,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "dask_address", None) and args.runner != "dask":
         parser.error("--dask-address needs --runner dask")
     args.whole_process = argv is None  # the command line itself (console script, python -m flows.cli)
-    rc = args.func(args)
+    try:
+        rc = args.func(args)
+        if args.whole_process:
+            sys.stdout.flush()  # a reader that left shows here, not as an error at interpreter exit
+    except BrokenPipeError:  # e.g. `vitflow predict ... --json | head`: the reader left; stop quietly
+        if not args.whole_process:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 128 + signal.SIGPIPE  # what a shell reports for a command ended by SIGPIPE
     if args.whole_process:
         gc.freeze()  # the exit's final collection then skips what the command made (seconds for a study)
     return rc

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "models:/vit-mnist@champion"
@@ -23,6 +24,14 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+def _test_subset(text: str) -> int:
+    value = _positive_int(text)
+    if not 10 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"{value}: the test set has 10,000 images, and a stratified subset needs "
+                                         f"one of each of the 10 digits; use 10 to 10000")
     return value
 
 
@@ -67,7 +76,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                              f"$MLFLOW_TRACKING_URI, else the project's mlflow/ store; default: {DEFAULT_MODEL})")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="ONNX Runtime provider: auto (CUDA when a GPU is present, else CPU), cpu, cuda")
-    parser.add_argument("--batch-size", type=_positive_int, default=1024, help="images per ONNX Runtime call")
+    parser.add_argument("--batch-size", type=_positive_int, default=1024,
+                        help="images per ONNX Runtime call (default 1024)")
 
 
 # --------------------------------------------------------------------------------------------- predict
@@ -135,8 +145,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _expand(item: str) -> list[str] | None:
     """A folder stands for its files (name order); None for an empty folder."""
-    from pathlib import Path
-
     from pipeline.preprocess import expand_inputs
 
     if Path(item).is_dir():
@@ -170,6 +178,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.data import DataError, acquire, load
     from pipeline.evaluation import confusion_figure, evaluate_classifier, log_evaluation
 
+    if args.figure:  # before the evaluation, not after it
+        from matplotlib.figure import Figure
+
+        figure = Path(args.figure)
+        formats = Figure().canvas.get_supported_filetypes()
+        if not figure.parent.is_dir():
+            _err(f"--figure {args.figure}: folder {figure.parent} does not exist; create it or pick another path")
+            return 2
+        if figure.suffix.lstrip(".").lower() not in formats:
+            _err(f"--figure {args.figure}: unknown image format {figure.suffix or '(no extension)'}; use one of "
+                 f"{', '.join('.' + f for f in sorted(formats))}")
+            return 2
     clf = _load_classifier(args)
     if clf is None:
         return 2
@@ -214,8 +234,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "predict", help="predict digits in image files (PNG/JPEG/BMP/...), .npy arrays and IDX files",
         description="Predict the digit in each input. Images of any size and mode are preprocessed the way MNIST "
                     "was made (grey, light background inverted, cropped to the digit, fitted into 20x20, centred "
-                    "by centre of mass in 28x28); .npy arrays (28, 28) / (N, 28, 28) (uint8 0-255 or float 0-1) "
-                    "and IDX image files are taken as MNIST digits already. A folder stands for its files. An "
+                    "by centre of mass in 28x28); .npy arrays (28, 28) / (N, 28, 28) / (N, 1, 28, 28) (uint8 "
+                    "0-255 or float 0-1) and IDX image files are taken as MNIST digits already. A folder stands for "
+                    "its files. An "
                     "input that cannot be read gets one line on stderr; the others are still predicted (exit 1).")
     pred.add_argument("inputs", nargs="+", metavar="INPUT", help="image, .npy or IDX file, or a folder of them")
     _model_arguments(pred)
@@ -230,7 +251,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "evaluate", help="test-set accuracy, per-class accuracy, confusion matrix and throughput of a model",
         description="Evaluate a model on the MNIST test set (data root: $VITFLOW_DATA_DIR, else ./data).")
     _model_arguments(ev)
-    ev.add_argument("--test-subset", type=_positive_int, default=None,
+    ev.add_argument("--test-subset", type=_test_subset, default=None,
                     help="a stratified subset of this many test images (default: all 10,000)")
     ev.add_argument("--figure", metavar="PNG", help="also save the confusion-matrix figure to this file")
     ev.add_argument("--log-to-mlflow", action="store_true",

@@ -7,11 +7,13 @@ import hashlib
 import itertools
 import json
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 DATA_DIR_ENV = "VITFLOW_DATA_DIR"
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -23,6 +25,18 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic's lax mode reads true/false as 1/0 for a number field; a boolean there is a mistake (YAML
+        reads true/false, yes/no, on/off as booleans), so it is refused. Fields that take a boolean keep it."""
+        if isinstance(value, bool) and info.field_name is not None:
+            accepted = typing.get_args(cls.model_fields[info.field_name].annotation) or (
+                cls.model_fields[info.field_name].annotation,)
+            if bool not in accepted and (int in accepted or float in accepted):
+                raise PydanticCustomError("bool_for_number", "a number is expected, not a boolean")
+        return value
 
 
 class DataConfig(_Strict):

@@ -58,7 +58,11 @@ class ModelSource:
 
     @property
     def label(self) -> str:
-        return f"{self.name} v{self.version}" if self.name else str(self.path)
+        """``NAME vN`` for a registered model; the URI for another MLflow URI (its download is temporary);
+        else the file's path."""
+        if self.name:
+            return f"{self.name} v{self.version}"
+        return self.uri if is_mlflow_uri(self.uri) else str(self.path)
 
 
 def is_mlflow_uri(model: str | os.PathLike) -> bool:
@@ -66,10 +70,30 @@ def is_mlflow_uri(model: str | os.PathLike) -> bool:
 
 
 def _onnx_in(folder: Path, what: str) -> Path:
+    """The one .onnx file under ``folder``; several are refused, not guessed among (a study's models/ folder holds
+    an fp32 and an int8 file per run)."""
     found = sorted(folder.rglob("*.onnx"))
     if not found:
         raise ModelNotFound(f"{what} holds no .onnx file")
+    if len(found) > 1:
+        names = ", ".join(str(p.relative_to(folder)) for p in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ModelNotFound(f"{what} holds {len(found)} .onnx files ({names}); name the file, or a registered "
+                            f"model (models:/NAME@ALIAS)")
     return found[0]
+
+
+def _run_artifact_location(client, uri: str) -> str:
+    """runs:/RUN_ID/PATH as a location in the run's store: the files of the run's logged model named PATH (MLflow
+    3 keeps logged models apart from the run's artifacts), else the run's artifact PATH."""
+    run_id, _, path = uri.removeprefix("runs:/").strip("/").partition("/")
+    run = client.get_run(run_id)
+    if path and "/" not in path:
+        models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                             filter_string=f"name = '{path}'")
+        for logged in models:
+            if logged.source_run_id == run_id:
+                return logged.artifact_location
+    return run.info.artifact_uri.rstrip("/") + (f"/{path}" if path else "")
 
 
 def resolve_model(model: str | os.PathLike, download_dir: str | os.PathLike,
@@ -122,7 +146,12 @@ def resolve_model(model: str | os.PathLike, download_dir: str | os.PathLike,
             source.name, source.version, source.run_id = mv.name, str(mv.version), mv.run_id
             source.model_id = getattr(mv, "model_id", None) or (  # MLflow 3: the logged model behind the version
                 mv.source.removeprefix("models:/") if str(mv.source).startswith("models:/m-") else None)
-            text = f"models:/{mv.name}/{mv.version}"
+            # Where the version's files are, asked of this store. Not the models:/ URI itself: MLflow's models:/
+            # artifact repository looks it up in the *global* registry ($MLFLOW_TRACKING_URI, else ./mlflow.db,
+            # which it creates), not in ``tracking_uri``. The same holds for runs:/RUN_ID/NAME of a logged model.
+            text = client.get_model_version_download_uri(mv.name, mv.version)
+        else:
+            text = _run_artifact_location(client, text)
         local = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(download_dir),
                                                     tracking_uri=tracking_uri)
     except ModelNotFound:

@@ -80,7 +80,7 @@ def final_training(s: dict[str, Any]) -> str:
     """``20 epochs`` or, under a time budget, ``22 of train.epochs=30 epochs (time budget: flow 840 s, ...)``."""
     epochs, cap = epochs_trained(s), s["configuration"]["train"]["epochs"]
     if not budgeted(s):
-        return f"{epochs} epochs"
+        return f"{epochs} epoch" + ("" if epochs == 1 else "s")
     budget = s["time_budget"]
     return (f"{epochs} of train.epochs={cap} epochs (time budget: flow {budget['flow_s']:g} s, "
             f"{budget['reserve_s']:g} s kept after the training)")

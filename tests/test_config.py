@@ -59,6 +59,12 @@ def test_config_file_path(tmp_path):
     ("time_budget.flow_s=20", "time_budget.reserve_s=30 leaves nothing of time_budget.flow_s=20 for training; use a "
                               "reserve below the budget"),
     ("time_budget.flow_s=0", "time_budget.flow_s=0"),
+    # YAML reads true/false as booleans, which pydantic's lax mode would take as 1/0
+    ("train.epochs=true", "train.epochs=True: a number is expected, not a boolean"),
+    ("train.lr=true", "train.lr=True: a number is expected, not a boolean"),
+    ("train.grad_clip=true", "train.grad_clip=True: a number is expected"),
+    ("cv.concurrency=true", "cv.concurrency=True: a number is expected"),
+    ("data.test_subset=false", "data.test_subset=False: a number is expected"),
 ])
 def test_invalid_configuration_is_one_clear_line(override, fragment):
     with pytest.raises(ConfigError) as info:
@@ -66,6 +72,14 @@ def test_invalid_configuration_is_one_clear_line(override, fragment):
     message = str(info.value)
     assert fragment in message
     assert "\n" not in message
+
+
+def test_switches_keep_their_booleans():
+    cfg = load_config("seed", ["cv.batch_folds=true", "cv.resume=false", "model.attn_out_proj=true",
+                               "data.download=false", "train.cuda_graph=off"])
+    assert (cfg.cv.batch_folds, cfg.cv.resume, cfg.model.attn_out_proj, cfg.data.download) == (True, False, True,
+                                                                                               False)
+    assert cfg.train.cuda_graph == "off"
 
 
 def test_a_conv_stem_needs_a_power_of_2_patch_size():

@@ -118,3 +118,16 @@ def test_evaluate_without_data_is_a_clear_usage_error(registered, capsys, monkey
     monkeypatch.setenv("VITFLOW_DATA_DIR", str(tmp_path / "no-mnist"))
     code, out, err = evaluate_main(["--model", str(registered["onnx"]), "--no-download"], capsys)
     assert code == 2 and err.startswith("vitflow: MNIST not found") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--test-subset", "5"], "5: the test set has 10,000 images, and a stratified subset needs one of each of the 10"),
+    (["--test-subset", "20000"], "20000: the test set has 10,000 images"),
+    (["--figure", "{tmp}/no-such-folder/cm.png"], "folder {tmp}/no-such-folder does not exist"),
+    (["--figure", "{tmp}/cm.xyz"], "unknown image format .xyz; use one of"),
+])
+def test_evaluate_usage_errors_come_before_the_evaluation(registered, capsys, tmp_path, args, fragment):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code, out, err = evaluate_main(["--model", str(registered["onnx"]), *args], capsys)
+    assert code == 2 and fragment.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err
+    assert out == "" and list(tmp_path.iterdir()) == []  # nothing evaluated, nothing written

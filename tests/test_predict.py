@@ -265,6 +265,57 @@ def test_registry_uris_in_python(model, mnist, tmp_path):
         OnnxClassifier(tmp_path / "missing.onnx")
 
 
+def test_registry_lookup_reads_the_store_it_is_given(model, mnist, tmp_path, monkeypatch):
+    """With $MLFLOW_TRACKING_URI unset, MLflow's own default store is ./mlflow.db; vitflow's is the checkout's
+    mlflow/ (or any store passed in). A registered model is found in the store given, and no ./mlflow.db appears
+    in the working folder (MLflow's models:/ download alone would look, and create one, there)."""
+    from mlflow.tracking import _model_registry, _tracking_service
+
+    with mlflow_store(tmp_path) as uri:
+        register_onnx(uri, tmp_path / "artifacts", model, "elsewhere", to_pixels(mnist.test_images[:4]).numpy())
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setattr(_tracking_service.utils, "_tracking_uri", None)
+    monkeypatch.setattr(_model_registry.utils, "_registry_uri", None)
+    (cwd := tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(cwd)
+    for ref in ("models:/elsewhere@champion", "models:/elsewhere/1", "models:/elsewhere/latest"):
+        clf = OnnxClassifier(ref, tracking_uri=uri)
+        assert (clf.source.name, clf.source.version, clf.source.label) == ("elsewhere", "1", "elsewhere v1")
+        clf.close()
+    run_id = clf.source.run_id
+    clf = OnnxClassifier(f"runs:/{run_id}/model", tracking_uri=uri)  # the run's logged model, by its name
+    assert clf.source.label == f"runs:/{run_id}/model" and clf.source.path.name == "model.onnx"
+    np.testing.assert_allclose(clf.logits(sample := to_pixels(mnist.test_images[:4]).numpy()),
+                               OnnxClassifier(model).logits(sample), atol=1e-6)
+    with pytest.raises(ModelNotFound, match=f"^runs:/{run_id}/ "):  # the run's own artifacts: none here
+        OnnxClassifier(f"runs:/{run_id}/", tracking_uri=uri)
+    with pytest.raises(ModelNotFound, match="not found in the MLflow store"):
+        OnnxClassifier(f"runs:/{run_id}/nothing", tracking_uri=uri)
+    assert list(cwd.iterdir()) == []
+
+
+def test_a_folder_with_several_models_is_refused_not_guessed(model, inputs, tmp_path, capsys):
+    (two := tmp_path / "models").mkdir()
+    for name in ("run1.onnx", "run1.int8.onnx"):  # what a study leaves in models/<experiment>/
+        (two / name).write_bytes(model.read_bytes())
+    with pytest.raises(ModelNotFound, match=r"holds 2 .onnx files \(run1.int8.onnx, run1.onnx\); name the file"):
+        OnnxClassifier(two)
+    code, out, err = predict_main([str(inputs[0] / "single.npy"), "--model", str(two)], capsys)
+    assert code == 2 and "holds 2 .onnx files" in err and out == ""
+    assert OnnxClassifier(two / "run1.onnx").source.label == str(two / "run1.onnx")
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(model, inputs):
+    """`vitflow predict ... --json | head -1`: the pipe closes under the command; no traceback, SIGPIPE's status."""
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "predict", str(inputs[0] / "batch.npy"), "--json",
+                             "--model", str(model)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err
+
+
 def test_io_binding_path_matches_plain_run(model, mnist):
     """IO binding is what runs on CUDA; forced on CPU here it must give the same logits, batched or not."""
     pixels = to_pixels(mnist.test_images[:2500]).numpy()

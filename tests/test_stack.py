@@ -12,6 +12,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from .conftest import REPO
@@ -94,8 +95,11 @@ def test_scheduled_deployment_has_its_cron(stack):
     assert "0 3 * * 1" in result.stdout and "UTC" in result.stdout
 
 
-def test_deployment_runs_tracked_and_promoted(stack, tmp_path):
+def test_deployment_runs_tracked_and_promoted(stack, tmp_path, mnist):
     from mlflow.tracking import MlflowClient
+
+    from pipeline.inference import OnnxClassifier
+    from pipeline.train import to_pixels
 
     env, _ = stack
     first = _deployment_run(env)
@@ -122,6 +126,17 @@ def test_deployment_runs_tracked_and_promoted(stack, tmp_path):
     assert str(client.get_model_version_by_alias("vit-mnist-smoke", expected).version) == "2"
     studies = client.search_runs([exp.experiment_id], "tags.`vitflow.role` = 'study'", order_by=["start_time DESC"])
     assert studies[0].data.tags["alias"] == expected and studies[0].data.tags["alias_reason"]
+
+    # The registered models, consumed from the server (this process's global MLflow URI names another store):
+    # the version by alias and the final run's logged model, downloaded through the server's artifact proxy.
+    sample = to_pixels(mnist.test_images[:1000]).numpy()
+    by_alias = OnnxClassifier(f"models:/vit-mnist-smoke@{expected}", tracking_uri=env["MLFLOW_TRACKING_URI"])
+    assert (by_alias.source.name, by_alias.source.version) == ("vit-mnist-smoke", "2")
+    final_run = v2.run_id
+    by_run = OnnxClassifier(f"runs:/{final_run}/model", tracking_uri=env["MLFLOW_TRACKING_URI"])
+    np.testing.assert_allclose(by_run.logits(sample), by_alias.logits(sample), atol=1e-6)
+    accuracy = (by_alias.predict(sample) == mnist.test_labels[:1000].numpy()).mean()
+    assert accuracy > 0.12, accuracy  # above the most frequent digit's share (11%): a trained model (smoke: 15-25%)
 
     # The decision is shown in the Prefect UI as a markdown artifact.
     artifact = _prefect(env, "artifact", "inspect", "study-summary")

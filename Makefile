@@ -44,7 +44,7 @@ test-scale-out: install
 ui: install
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
 		--backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --default-artifact-root $(CURDIR)/mlflow/artifacts \
-		--workers 1
+		--artifacts-destination $(CURDIR)/mlflow/artifacts --workers 1
 
 serve: install
 	scripts/stack.sh start

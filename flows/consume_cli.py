@@ -249,7 +249,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
     ev = subparsers.add_parser(
         "evaluate", help="test-set accuracy, per-class accuracy, confusion matrix and throughput of a model",
-        description="Evaluate a model on the MNIST test set (data root: $VITFLOW_DATA_DIR, else ./data).")
+        description="Evaluate a model on the MNIST test set (data root: $VITFLOW_DATA_DIR, else data/ in the "
+                    "checkout).")
     _model_arguments(ev)
     ev.add_argument("--test-subset", type=_test_subset, default=None,
                     help="a stratified subset of this many test images (default: all 10,000)")

@@ -40,7 +40,8 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    root: str | None = Field(None, description=f"MNIST root (holds MNIST/raw); ${DATA_DIR_ENV} wins, default ./data")
+    root: str | None = Field(None, description=f"MNIST root (holds MNIST/raw); ${DATA_DIR_ENV} wins, default data/ "
+                                               f"in the checkout")
     download: bool = True
     mirrors: list[str] | None = Field(None, description="base URLs to download from; None: torchvision's mirrors")
     train_subset: int | None = Field(None, gt=0, description="stratified subset of the 60k training images")
@@ -48,7 +49,7 @@ class DataConfig(_Strict):
     subset_seed: int = 0
 
     def resolved_root(self) -> Path:
-        return Path(os.environ.get(DATA_DIR_ENV) or self.root or "data").expanduser().resolve()
+        return Path(os.environ.get(DATA_DIR_ENV) or self.root or PRESET_DIR.parent / "data").expanduser().resolve()
 
 
 class ModelConfig(_Strict):

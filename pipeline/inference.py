@@ -114,7 +114,7 @@ def resolve_model(model: str | os.PathLike, download_dir: str | os.PathLike,
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import TrackingConfig
-    from pipeline.tracking import sqlite_path
+    from pipeline.tracking import SERVED_ARTIFACTS, served_artifacts_on_disk, sqlite_path
     from pipeline.tracking import tracking_uri as default_tracking_uri
 
     if tracking_uri is None:
@@ -152,6 +152,12 @@ def resolve_model(model: str | os.PathLike, download_dir: str | os.PathLike,
             text = client.get_model_version_download_uri(mv.name, mv.version)
         else:
             text = _run_artifact_location(client, text)
+        if text.startswith(SERVED_ARTIFACTS) and db is not None:  # behind mlflow/server.sh: read from its folder
+            on_disk = served_artifacts_on_disk(text, tracking_uri)
+            if on_disk is None:
+                raise ModelNotFound(f"{source.uri}: its files are behind an MLflow server ({text}), and not in "
+                                    f"{db.resolve().parent / 'artifacts'}; point MLFLOW_TRACKING_URI at that server")
+            text = on_disk.as_uri()
         local = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(download_dir),
                                                     tracking_uri=tracking_uri)
     except ModelNotFound:

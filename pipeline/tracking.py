@@ -55,6 +55,21 @@ def _artifact_location(uri: str) -> str | None:
     return (db.resolve().parent / "artifacts").as_uri()
 
 
+SERVED_ARTIFACTS = "mlflow-artifacts:"
+
+
+def served_artifacts_on_disk(location: str, uri: str) -> Path | None:
+    """Where a SQLite store's own ``mlflow/server.sh`` keeps a location it serves (``mlflow-artifacts:/P`` ->
+    ``<the database's folder>/artifacts/P``, its --artifacts-destination), if that exists; None for any other
+    location or store. MLflow itself cannot reach mlflow-artifacts:/ through a SQLite URI."""
+    db = sqlite_path(uri)
+    if db is None or not location.startswith(SERVED_ARTIFACTS):
+        return None
+    relative = urlparse(location).path.lstrip("/")
+    folder = db.resolve().parent / "artifacts" / relative
+    return folder if folder.exists() else None
+
+
 STORE_LOCK_TIMEOUT_S = 120
 
 
@@ -136,6 +151,14 @@ class Tracker:
     def _ensure_experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            if sqlite_path(self.uri) is not None and str(found.artifact_location).startswith(SERVED_ARTIFACTS):
+                # Made through an MLflow server that proxies artifacts (mlflow/server.sh before it stored them as
+                # plain files): through the SQLite file, the first figure would fail, after the training.
+                raise MlflowException(
+                    f"experiment {name!r} in {self.uri} keeps its artifacts behind an MLflow server "
+                    f"({found.artifact_location}), which a SQLite store cannot write to; log through that server "
+                    f"(MLFLOW_TRACKING_URI=http://127.0.0.1:5000 while `make serve` or mlflow/server.sh runs), or "
+                    f"use a new experiment (--set tracking.experiment=NAME)")
             if found.lifecycle_stage == "deleted":
                 self.client.restore_experiment(found.experiment_id)
             return found.experiment_id

@@ -99,7 +99,10 @@ def test_deployment_runs_tracked_and_promoted(stack, tmp_path, mnist):
     from mlflow.tracking import MlflowClient
 
     from pipeline.inference import OnnxClassifier
+    from pipeline.tracking import Tracker
     from pipeline.train import to_pixels
+
+    from ._consume import mlflow_store
 
     env, _ = stack
     first = _deployment_run(env)
@@ -137,6 +140,21 @@ def test_deployment_runs_tracked_and_promoted(stack, tmp_path, mnist):
     np.testing.assert_allclose(by_run.logits(sample), by_alias.logits(sample), atol=1e-6)
     accuracy = (by_alias.predict(sample) == mnist.test_labels[:1000].numpy()).mean()
     assert accuracy > 0.12, accuracy  # above the most frequent digit's share (11%): a trained model (smoke: 15-25%)
+
+    # The server is on loopback, so its experiments keep their artifacts as plain files in its store: the same
+    # store opened as a SQLite file (what `make run`, `vitflow predict` and `make ui` do) reaches them too.
+    store = Path(env["VITFLOW_MLFLOW_DIR"])
+    assert exp.artifact_location.startswith((store / "artifacts").as_uri()), exp.artifact_location
+    sqlite = f"sqlite:///{store / 'mlflow.db'}"
+    from_file = OnnxClassifier(f"models:/vit-mnist-smoke@{expected}", tracking_uri=sqlite)
+    np.testing.assert_allclose(from_file.logits(sample), by_alias.logits(sample), atol=1e-6)
+    with mlflow_store(tmp_path):  # Tracker sets the process's global URI: put it back afterwards
+        tracker = Tracker(sqlite, "vitflow-smoke")
+        run_id = tracker.start_run("sqlite probe")
+        tracker.log_text(run_id, "written through the SQLite file", "probe.txt")
+        tracker.end_run(run_id)
+    assert [a.path for a in client.list_artifacts(run_id)] == ["probe.txt"]  # and seen by the server
+    client.delete_run(run_id)
 
     # The decision is shown in the Prefect UI as a markdown artifact.
     artifact = _prefect(env, "artifact", "inspect", "study-summary")

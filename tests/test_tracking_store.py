@@ -37,3 +37,62 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_get_it(tmp_path):
     names = {e.name for e in client.search_experiments()}
     assert {"experiment-0", "experiment-1", "experiment-2"} <= names
     assert (tmp_path / "new" / "mlflow.db.lock").exists()
+
+
+def test_a_store_whose_artifacts_a_server_proxies(tmp_path, mnist):
+    """A SQLite store that an MLflow server with proxied artifacts wrote into (``mlflow/server.sh`` before it gave
+    loopback experiments plain-file locations): its experiments say ``mlflow-artifacts:/N``, which MLflow cannot
+    reach through the SQLite file. A study into such an experiment stops before any work with the fix; a model
+    registered there is read from the server's artifacts folder beside the database."""
+    import os
+    import urllib.request
+
+    import mlflow
+    import numpy as np
+    import pytest
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.inference import OnnxClassifier
+    from pipeline.tracking import Tracker
+    from pipeline.train import to_pixels
+
+    from ._consume import QUICK_TRAIN, mlflow_store, quick_model_config, register_onnx, train_and_export
+    from .test_scale_out import BIN, _alive, _free_port, _launch, _stop, _wait_until
+
+    store = tmp_path / "mlflow"
+    store.mkdir()
+    onnx_path = train_and_export(mnist, tmp_path / "vit.onnx", quick_model_config(), QUICK_TRAIN, images=4000)
+    port, log = _free_port(), tmp_path / "server.log"
+    proc = _launch([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                    "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+                    "--artifacts-destination", str(store / "artifacts"), "--serve-artifacts"], log,
+                   env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    sample = to_pixels(mnist.test_images[:16]).numpy()
+    try:
+        _wait_until(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, proc, log,
+                    "mlflow server", seconds=120)
+        MlflowClient(url).create_experiment("served")  # where the server puts it: mlflow-artifacts:/1
+        with mlflow_store(tmp_path):  # the global URI is put back afterwards
+            mlflow.set_tracking_uri(url)  # register_onnx logs through MLflow's fluent API
+            register_onnx(url, store / "unused", onnx_path, "proxied", sample, experiment="served")
+        served = MlflowClient(url).get_experiment_by_name("served")
+        assert served.artifact_location.startswith("mlflow-artifacts:/")
+    finally:
+        _stop(proc)
+        assert not _alive(proc)
+
+    sqlite = f"sqlite:///{store / 'mlflow.db'}"
+    clf = OnnxClassifier("models:/proxied@champion", tracking_uri=sqlite)
+    assert (clf.source.name, clf.source.version) == ("proxied", "1")
+    np.testing.assert_allclose(clf.logits(sample), OnnxClassifier(onnx_path).logits(sample), atol=1e-6)
+    with mlflow_store(tmp_path):  # Tracker sets the process's global URI: put it back afterwards
+        with pytest.raises(MlflowException, match=r"experiment 'served' in sqlite:///.* keeps its artifacts behind "
+                                                  r"an MLflow server \(mlflow-artifacts:/1\).*tracking.experiment"):
+            Tracker(sqlite, "served")
+        tracker = Tracker(sqlite, "elsewhere")  # another experiment of the same store is fine
+        run_id = tracker.start_run("probe")
+        tracker.log_text(run_id, "a plain file", "probe.txt")
+        tracker.end_run(run_id)
+    assert (store / "artifacts").is_dir() and list((store / "artifacts").rglob("probe.txt"))

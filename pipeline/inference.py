@@ -87,12 +87,16 @@ def _run_artifact_location(client, uri: str) -> str:
     3 keeps logged models apart from the run's artifacts), else the run's artifact PATH."""
     run_id, _, path = uri.removeprefix("runs:/").strip("/").partition("/")
     run = client.get_run(run_id)
-    if path and "/" not in path:
-        models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                             filter_string=f"name = '{path}'")
-        for logged in models:
+    token = None
+    while path and "/" not in path:  # every page: an experiment retrained weekly has many models named "model"
+        page = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                           filter_string=f"name = '{path}'", page_token=token)
+        for logged in page:
             if logged.source_run_id == run_id:
                 return logged.artifact_location
+        if not page.token:
+            break
+        token = page.token
     return run.info.artifact_uri.rstrip("/") + (f"/{path}" if path else "")
 
 

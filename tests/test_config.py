@@ -171,3 +171,16 @@ def test_an_install_outside_a_checkout_says_how_to_install(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "vitflow runs from a checkout of its repository, installed in place" in out.stdout
     assert str(target / "configs") in out.stdout
+
+
+def test_the_default_data_root_is_the_checkouts_not_the_working_folders(tmp_path, monkeypatch):
+    from pipeline.config import DataConfig
+
+    from .conftest import REPO
+
+    monkeypatch.delenv("VITFLOW_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert DataConfig().resolved_root() == (REPO / "data").resolve()
+    assert DataConfig(root="mnist-copy").resolved_root() == tmp_path / "mnist-copy"  # a given relative root: cwd's
+    monkeypatch.setenv("VITFLOW_DATA_DIR", str(tmp_path / "elsewhere"))
+    assert DataConfig(root="mnist-copy").resolved_root() == tmp_path / "elsewhere"

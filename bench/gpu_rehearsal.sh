@@ -15,8 +15,10 @@ cd "$(dirname "$0")/.."
 VENV="${REHEARSAL_VENV:-.gpu-rehearsal}"
 [ -d .whl ] && [ -d .mnist ] || { echo "no .whl/ or .mnist/: run 'make wheelhouse' first" >&2; exit 2; }
 if [ ! -x "$VENV/bin/python" ]; then
-  command -v "${PYTHON312:-python3.12}" > /dev/null || {
-    echo "no Python 3.12 interpreter: set PYTHON312 to one (the GPU machine runs 3.12)" >&2; exit 2; }
+  # `command -v` is not enough: pyenv's shim exists for every version but runs only the selected ones.
+  "${PYTHON312:-python3.12}" -c 'import sys; assert sys.version_info[:2] == (3, 12)' > /dev/null 2>&1 || {
+    echo "no Python 3.12 interpreter as '${PYTHON312:-python3.12}': set PYTHON312 to one" \
+      "(the GPU machine runs 3.12; with pyenv: PYTHON312=\$(pyenv root)/versions/3.12.x/bin/python3.12)" >&2; exit 2; }
   "${PYTHON312:-python3.12}" -m venv "$VENV.partial"
   # shellcheck disable=SC2046
   "$VENV.partial/bin/python" -m pip install -q $(.venv/bin/python bench/wheelhouse.py --image-requirements)

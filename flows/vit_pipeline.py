@@ -232,10 +232,14 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh
         fold_task = train_fold.with_options(**store)
         configuration_task = train_configuration.with_options(**store)
         results = []
+        asked: dict[Any, int] = {}  # future -> the configuration (grid position) that submitted it
 
         def collect(future) -> None:
             out = future.result()
-            results.extend(out if isinstance(out, list) else [out])
+            # A result served from the store was trained under the same key, but maybe in a study whose grid had
+            # another order or other points: it belongs to the configuration that asked for it in this study.
+            results.extend({**r, "candidate_index": asked.pop(future)} for r in (out if isinstance(out, list)
+                                                                                 else [out]))
 
         for index, fold_index in jobs:
             if len(running) >= workers:
@@ -246,9 +250,11 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh
             if fold_index is None:
                 running.append(configuration_task.submit(Opaque(study), index, config_runs[index], label,
                                                          cfg.cv.folds, study.configuration_key(index)))
+                asked[running[-1]] = index
             else:
                 running.append(fold_task.submit(Opaque(study), index, fold_index, config_runs[index], label,
                                                 fold_index + 1, study.fold_key(index, fold_index)))
+                asked[running[-1]] = index
         while running:
             collect(running.pop(0))
         for i, result in enumerate(results):

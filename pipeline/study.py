@@ -104,11 +104,13 @@ class Study:
         return _hash({"config": self.cfg.model_dump(mode="json"), "md5": self.data.md5, "code": self.code_version})
 
     def fold_key(self, index: int, fold_index: int) -> str:
-        """Cache key of one fold's result: everything that determines it, nothing that does not."""
+        """Cache key of one fold's result: everything that determines it, nothing that does not (the device
+        ``train.device`` resolves to here and torch's version included: either changes the arithmetic)."""
         cand = self.candidates[index]
         return _hash({"model": cand.model.model_dump(mode="json"), "train": cand.cv_train.model_dump(mode="json"),
+                      "device": resolve_device(cand.cv_train.device).type, "torch": torch.__version__,
                       "folds": self.cfg.cv.folds, "cv_seed": self.cfg.cv.seed, "fold_index": fold_index,
-                      "seed": fold_seed(self, fold_index), "md5": self.data.md5, "code": self.code_version,
+                      "seed": fold_seed(self, index, fold_index), "md5": self.data.md5, "code": self.code_version,
                       "subset": self.cfg.data.model_dump(include={"train_subset", "subset_seed"})})
 
     def configuration_key(self, index: int) -> str:
@@ -172,9 +174,10 @@ def start_configuration(study: Study, index: int) -> str:
                                          "candidate_index": index, "study_run_id": study.run_id})
 
 
-def fold_seed(study: Study, fold_index: int) -> int:
-    # Same seed per fold index for every configuration: configurations are compared on equal footing.
-    return study.cfg.train.seed + 1000 * (fold_index + 1)
+def fold_seed(study: Study, index: int, fold_index: int) -> int:
+    """Same seed per fold index for every configuration (configurations are compared on equal footing), from the
+    configuration's own ``train.seed``: a grid over ``train.seed`` trains each point with its seed."""
+    return study.candidates[index].cv_train.seed + 1000 * (fold_index + 1)
 
 
 def train_fold(study: Study, index: int, fold_index: int, configuration_run_id: str,
@@ -192,13 +195,13 @@ def train_fold(study: Study, index: int, fold_index: int, configuration_run_id: 
     where = {k: str(v) for k, v in (tags or {}).items()}
     with study.tracker.run(name, parent_id=configuration_run_id, tags={**_fold_tags(study, index, fold_index),
                                                                         **where},
-                           params=_fold_params(study, fold_index)) as run_id:
+                           params=_fold_params(study, index, fold_index)) as run_id:
         if study.abort.is_set():
             raise TrainingAborted(f"{cand.label} {name}: not started because the study is stopping")
         on_epoch = _EpochLog(study, [run_id], f"{cand.label} {name}", cand.cv_train.epochs, log)
         result = fit(cand.model, cand.cv_train, x[train_idx], y[train_idx], {"val": (x[val_idx], y[val_idx])},
-                     seed=fold_seed(study, fold_index), desc=f"{cand.label} {name}", should_stop=study.abort.is_set,
-                     callback=lambda epoch, m: on_epoch(0, epoch, m))
+                     seed=fold_seed(study, index, fold_index), desc=f"{cand.label} {name}",
+                     should_stop=study.abort.is_set, callback=lambda epoch, m: on_epoch(0, epoch, m))
         study.tracker.log_metrics(run_id, {"fit_seconds": result.seconds})
     return {"candidate_index": index, "fold_index": fold_index, "run_id": run_id,
             "configuration_run_id": configuration_run_id, "history": result.history,
@@ -246,11 +249,11 @@ def train_folds_batched(study: Study, index: int, configuration_run_id: str,
         run_ids = [runs.enter_context(study.tracker.run(
             f"fold {f + 1}/{k}", parent_id=configuration_run_id,
             tags={**_fold_tags(study, index, f), **where, "batched_folds": k},
-            params=_fold_params(study, f))) for f in range(k)]
+            params=_fold_params(study, index, f))) for f in range(k)]
         if study.abort.is_set():
             raise TrainingAborted(f"{cand.label}: not started because the study is stopping")
         results = fit_folds(cand.model, cand.cv_train, x, y, study.folds,
-                            [fold_seed(study, f) for f in range(k)], desc=f"{cand.label} {k} folds",
+                            [fold_seed(study, index, f) for f in range(k)], desc=f"{cand.label} {k} folds",
                             should_stop=study.abort.is_set,
                             callback=_EpochLog(study, run_ids, cand.label, cand.cv_train.epochs, log))
         for run_id, result in zip(run_ids, results):
@@ -274,9 +277,9 @@ def _fold_tags(study: Study, index: int, fold_index: int) -> dict[str, Any]:
             "study_run_id": study.run_id, "fold_key": study.fold_key(index, fold_index)}
 
 
-def _fold_params(study: Study, fold_index: int) -> dict[str, Any]:
+def _fold_params(study: Study, index: int, fold_index: int) -> dict[str, Any]:
     train_idx, val_idx = study.folds[fold_index]
-    return {"fold_index": fold_index, "folds": study.cfg.cv.folds, "seed": fold_seed(study, fold_index),
+    return {"fold_index": fold_index, "folds": study.cfg.cv.folds, "seed": fold_seed(study, index, fold_index),
             "train_images": len(train_idx), "val_images": len(val_idx)}
 
 
@@ -286,7 +289,7 @@ def record_cached_fold(study: Study, result: dict[str, Any], configuration_run_i
     index, fold_index = result["candidate_index"], result["fold_index"]
     tags = {**_fold_tags(study, index, fold_index), **result.get("ran_on", {}), "cached_from": result["run_id"]}
     with study.tracker.run(f"fold {fold_index + 1}/{study.cfg.cv.folds}", parent_id=configuration_run_id,
-                           tags=tags, params=_fold_params(study, fold_index)) as run_id:
+                           tags=tags, params=_fold_params(study, index, fold_index)) as run_id:
         for epoch, metrics in enumerate(result["history"], 1):
             study.tracker.log_metrics(run_id, metrics, step=epoch)
         study.tracker.log_metrics(run_id, {"fit_seconds": result["seconds"]})
@@ -365,7 +368,7 @@ def retrain(study: Study, leaderboard: list[dict[str, Any]], log: Callable[[str]
             log(why)
 
     result = fit(best.model, best.train, data.train_images, data.train_labels,
-                 {"test": (data.test_images, data.test_labels)}, seed=study.cfg.train.seed,
+                 {"test": (data.test_images, data.test_labels)}, seed=best.train.seed,
                  desc=desc, callback=lambda epoch, m: on_epoch(0, epoch, m), on_plan=on_plan,
                  time_limit_s=None if time_limit_s is None else time_limit_s - (time.perf_counter() - started))
     study.tracker.log_metrics(run_id, {"fit_seconds": result.seconds, "parameters": count_parameters(result.model),

@@ -280,3 +280,45 @@ def test_a_spent_time_budget_shortens_the_retraining_only(session_env, mlflow_cl
                                    for f in folds)
     card = Path(mlflow_client.download_artifacts(final.info.run_id, "model_card.md")).read_text()
     assert "Final training: 2 of train.epochs=4 epochs" in card and "set by the time budget" in card
+
+
+def test_reused_folds_belong_to_the_configuration_that_asks_for_them(session_env, mlflow_client):
+    """A grid in another order, with another key, reuses the smoke studies' folds from the result store: each fold
+    is filed under the configuration whose key it was trained under, not under its position in the grid of the
+    study that trained it (that put one configuration's errors on another and selected the wrong model). A grid
+    over train.seed trains each point with its own seed: the smoke runs with train.seed=0 and =1 are its points."""
+    from .conftest import run_cli
+
+    out = run_cli(["run", "--config", "smoke", "--set", "cv.grid.model.depth=[2,1]",
+                   "--set", "cv.grid.train.seed=[1,0]", "--set", "export.quantize=false", "--set", "tracking.experiment=vitflow-smoke-regrid",
+                   "--set", "tracking.registered_model=vit-mnist-smoke-regrid"], session_env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+
+    def configurations(experiment: str) -> dict:
+        exp = mlflow_client.get_experiment_by_name(experiment)
+        runs = _runs(mlflow_client, exp.experiment_id, "configuration", " and attributes.status = 'FINISHED'")
+        return {(int(r.data.params["model.depth"]), int(r.data.params["train.seed"])): r for r in runs}
+
+    smoke = configurations("vitflow-smoke")  # the smoke_runs fixture's studies, train.seed=0 and train.seed=1
+    regrid_exp = mlflow_client.get_experiment_by_name("vitflow-smoke-regrid")
+    study = _runs(mlflow_client, regrid_exp.experiment_id, "study")[0]
+    assert study.data.metrics["folds_reused"] == 8 and study.data.metrics["folds_trained"] == 0
+    regrid = configurations("vitflow-smoke-regrid")
+    assert sorted(regrid) == sorted(smoke) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    for key, run in regrid.items():
+        for metric in ("val_error_mean", "val_error_std", "train_loss_mean"):
+            assert run.data.metrics[metric] == smoke[key].data.metrics[metric], (key, metric)
+    seed0, seed1 = smoke[(2, 0)].data.metrics["val_error_mean"], smoke[(2, 1)].data.metrics["val_error_mean"]
+    assert seed0 != seed1  # the two seeds trained differently: a grid over seeds is not one study counted twice
+    best = min(regrid, key=lambda k: (regrid[k].data.metrics["val_error_mean"], k[0]))
+    selected = [k for k, r in regrid.items() if r.data.tags["selected"] == "true"]
+    assert selected == [best]
+    final = _runs(mlflow_client, regrid_exp.experiment_id, "final")[0]
+    assert final.data.params["model.depth"] == str(best[0]) and final.data.params["train.seed"] == str(best[1])
+    folds = _runs(mlflow_client, regrid_exp.experiment_id, "fold")
+    by_run = {r.info.run_id: r for r in regrid.values()}
+    for fold in folds:  # each replayed fold run sits under its own configuration and says which seed trained it
+        parent = by_run[fold.data.tags["mlflow.parentRunId"]]
+        assert fold.data.tags["configuration"] == parent.data.tags["configuration"]
+        seed = int(parent.data.params["train.seed"])
+        assert fold.data.params["seed"] == str(seed + 1000 * (int(fold.data.params["fold_index"]) + 1))

@@ -7,6 +7,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ RAW_MD5 = {
     "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
+TEST_IMAGES = 10_000
 
 
 class DataError(RuntimeError):
@@ -148,6 +150,16 @@ def load_elsewhere(cfg: DataConfig, root: Path, md5: dict[str, str]) -> MnistTen
         _PROCESS_DATA.clear()  # one study's data per worker process at a time
         _PROCESS_DATA[key] = tensors
         return tensors
+
+
+def test_set_id(test_subset: int | None, subset_seed: Any, test_images_md5: str | None) -> str:
+    """Which test images an accuracy was measured on, as a comparable string: two accuracies are comparable only
+    when theirs are equal (the champion/challenger decision). ``test_subset`` None (or 10,000 or more) is the
+    whole test set, whatever the subset seed."""
+    md5 = (test_images_md5 or "unknown")[:12]
+    if test_subset is None or int(test_subset) >= TEST_IMAGES:
+        return f"MNIST test set {md5}: all {TEST_IMAGES:,}"
+    return f"MNIST test set {md5}: {int(test_subset)} images, subset_seed {subset_seed}"
 
 
 def stratified_subset(labels: Tensor, size: int | None, seed: int) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from pipeline import attention, plots
 from pipeline.config import Candidate, StudyConfig
-from pipeline.data import DataError, MnistTensors, load_elsewhere, stratified_folds
+from pipeline.data import DataError, MnistTensors, load_elsewhere, stratified_folds, test_set_id
 from pipeline.export import export_onnx
 from pipeline.inference import OnnxClassifier, evaluate_onnx, preferred_providers
 from pipeline.model import build_model, count_parameters
@@ -460,7 +460,10 @@ def register(study: Study, onnx_path: Path, run_id: str, report: dict[str, Any])
                        "final_run_id": run_id, "onnxruntime_provider": report["provider"],
                        "preset": study.cfg.name}.items():
         client.set_model_version_tag(name, version, key, str(value))
-    decision = promote(client, name, version, report["test_accuracy"], study.cfg.tracking.champion_margin)
+    test_set = test_set_id(study.cfg.data.test_subset, study.cfg.data.subset_seed,
+                           study.data.md5.get("t10k-images-idx3-ubyte"))
+    decision = promote(client, name, version, report["test_accuracy"], study.cfg.tracking.champion_margin,
+                       test_set)
     study.tracker.set_tags(study.run_id, {"registered_model": name, "registered_version": version,
                                           "alias": decision["alias"], "alias_reason": decision["reason"]})
     return {"model_name": name, "model_uri": f"models:/{name}/{version}", **decision}

@@ -260,18 +260,47 @@ def latest_alias_version(client: MlflowClient, model_name: str, alias: str) -> A
         return None
 
 
-def promote(client: MlflowClient, model_name: str, version: str, accuracy: float, margin: float) -> dict[str, Any]:
+def recorded_test_set(client: MlflowClient, version: Any) -> str | None:
+    """The test set a registered version's ``test_accuracy`` was measured on (``pipeline.data.test_set_id``): its
+    ``test_set`` tag, or for a version registered before that tag existed, what its study run's parameters say."""
+    from pipeline.data import test_set_id
+
+    if version.tags.get("test_set"):
+        return version.tags["test_set"]
+    try:
+        study = client.get_run(version.tags["study_run_id"])
+    except (KeyError, MlflowException):
+        return None
+    params = study.data.params
+    if "data.test_subset" not in params:
+        return None
+    subset = params["data.test_subset"]
+    return test_set_id(None if subset in ("None", "") else int(subset), params.get("data.subset_seed"),
+                       study.data.tags.get("data_md5.t10k-images-idx3-ubyte"))
+
+
+def promote(client: MlflowClient, model_name: str, version: str, accuracy: float, margin: float,
+            test_set: str) -> dict[str, Any]:
     """Champion/challenger: the new version becomes champion only if it beats the champion's test accuracy by
-    more than ``margin``; otherwise it is the challenger. Returns the decision with both accuracies and why."""
+    more than ``margin``, measured on the same test images (``test_set``, ``pipeline.data.test_set_id``);
+    otherwise it is the challenger. Returns the decision with both accuracies and why."""
     champion = latest_alias_version(client, model_name, CHAMPION)
-    champion_accuracy = None
+    champion_accuracy = champion_test_set = None
     if champion is not None:
         raw = champion.tags.get("test_accuracy")
         champion_accuracy = float(raw) if raw is not None else None
+        champion_test_set = recorded_test_set(client, champion)
     if champion is None:
         alias, reason = CHAMPION, "no champion yet"
     elif champion_accuracy is None:
         alias, reason = CHAMPION, f"champion v{champion.version} has no recorded test accuracy"
+    elif champion_test_set != test_set:
+        # A lucky score on a small or other subset must not take the alias: not compared, and the reason says how.
+        alias, reason = CHALLENGER, (
+            f"not compared: test accuracy {accuracy:.4f} is on {test_set}, champion v{champion.version}'s "
+            f"({champion_accuracy:.4f}) on {champion_test_set or 'an unrecorded test set'}; compare both on the "
+            f"same images (vitflow evaluate --model models:/{model_name}/N) and, if this one is better, give it "
+            f"@champion in the MLflow UI (the version's Aliases)")
     elif accuracy > champion_accuracy + margin:
         alias, reason = CHAMPION, (f"test accuracy {accuracy:.4f} beats champion v{champion.version} "
                                    f"({champion_accuracy:.4f}) by more than {margin:.4f}")
@@ -284,6 +313,7 @@ def promote(client: MlflowClient, model_name: str, version: str, accuracy: float
         "previous_champion_version": champion.version if champion is not None else None,
         "previous_champion_accuracy": champion_accuracy,
     }
+    client.set_model_version_tag(model_name, version, "test_set", test_set)
     for key, value in (("decision", alias), ("decision_reason", reason),
                        ("previous_champion_version", decision["previous_champion_version"]),
                        ("previous_champion_accuracy", champion_accuracy)):

@@ -96,3 +96,50 @@ def test_a_store_whose_artifacts_a_server_proxies(tmp_path, mnist):
         tracker.log_text(run_id, "a plain file", "probe.txt")
         tracker.end_run(run_id)
     assert (store / "artifacts").is_dir() and list((store / "artifacts").rglob("probe.txt"))
+
+
+def test_champion_and_challenger_compare_accuracies_on_the_same_test_images_only(tmp_path):
+    """promote() moves @champion only between versions measured on the same test images: a higher accuracy on a
+    500-image subset, or on another subset seed, does not take the alias from a version measured on all 10,000
+    (it becomes the challenger, and the reason says why and how to compare them). A version registered before the
+    ``test_set`` tag existed is read through its study run's parameters."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.data import RAW_MD5, test_set_id
+    from pipeline.tracking import promote
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    md5 = RAW_MD5["t10k-images-idx3-ubyte"]
+    full, small, other_seed = (test_set_id(None, 0, md5), test_set_id(500, 0, md5), test_set_id(500, 1, md5))
+    assert len({full, small, other_seed, test_set_id(10_000, 3, md5)}) == 3  # 10,000 of 10,000 is the full set
+    client.create_registered_model("m")
+
+    def version(accuracy: float, test_set: str) -> dict:
+        v = client.create_model_version("m", source=(tmp_path / "model").as_uri()).version
+        client.set_model_version_tag("m", v, "test_accuracy", str(accuracy))  # as pipeline.study.register does
+        return promote(client, "m", v, accuracy, 0.0, test_set)
+
+    assert version(0.95, full)["alias"] == "champion"
+    lucky = version(0.99, small)
+    assert lucky["alias"] == "challenger" and lucky["reason"].startswith("not compared: test accuracy 0.9900 is on")
+    assert "500 images, subset_seed 0" in lucky["reason"] and "all 10,000" in lucky["reason"]
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
+    assert version(0.96, full)["alias"] == "champion"  # same test set, better: promoted as before
+    assert client.get_model_version("m", "3").tags["test_set"] == full
+    assert version(0.97, small)["alias"] == "challenger"
+
+    # A champion from before the tag: its study run's parameters say what it was measured on.
+    exp = client.create_experiment("legacy")
+    study = client.create_run(exp)
+    for key, value in (("data.test_subset", "500"), ("data.subset_seed", "1")):
+        client.log_param(study.info.run_id, key, value)
+    client.set_tag(study.info.run_id, "data_md5.t10k-images-idx3-ubyte", md5)
+    client.create_registered_model("old")
+    old = client.create_model_version("old", source=(tmp_path / "model").as_uri()).version
+    for key, value in (("test_accuracy", "0.9"), ("study_run_id", study.info.run_id)):
+        client.set_model_version_tag("old", old, key, value)
+    client.set_registered_model_alias("old", "champion", old)
+    v2 = client.create_model_version("old", source=(tmp_path / "model").as_uri()).version
+    assert promote(client, "old", v2, 0.95, 0.0, small)["alias"] == "challenger"  # subset seed 0 against 1
+    new = client.create_model_version("old", source=(tmp_path / "model").as_uri()).version
+    assert promote(client, "old", new, 0.95, 0.0, other_seed)["alias"] == "champion"

@@ -112,7 +112,8 @@ def acquire(cfg: DataConfig) -> tuple[Path, dict[str, str]]:
                 (raw_dir(root) / name).unlink(missing_ok=True)
             raise DownloadError(str(exc)) from failure
         root_cause = failure.__cause__ or failure.__context__
-        reason = "; ".join(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torchvision's message spans lines (the file, then each mirror tried and its error): keep all of it.
+        reason = "; ".join(" ".join(str(e).split())[:600] or type(e).__name__
                            for e in (failure, root_cause) if e is not None)
         raise DownloadError(f"could not download MNIST into {raw_dir(root)} ({reason}); without network, "
                             f"{_where_to_put(root)}") from failure

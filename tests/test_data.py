@@ -132,4 +132,6 @@ def test_unreachable_mirror_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(DownloadError) as info:
         acquire(DataConfig(root=str(tmp_path / "data"), mirrors=[f"http://127.0.0.1:{port}/"]))
     assert "could not download MNIST" in str(info.value) and "MNIST/raw" in str(info.value)
+    # which mirror was tried and what it answered, not only "Error downloading <file>:"
+    assert f"Tried http://127.0.0.1:{port}/, got:" in str(info.value) and "refused" in str(info.value)
     assert not list(raw_dir(tmp_path / "data").glob("*.gz"))

@@ -31,11 +31,12 @@ def model_selection(rows: Sequence[dict], best_label: str) -> Figure:
     x = np.arange(len(rows))
     width = 0.38
     fig, ax = _subplots(figsize=(max(7.0, 1.6 * len(rows) + 2), 4.8), layout="constrained")
-    for offset, key, name, color in ((-width / 2, "train", "training", "#7aa6c2"),
-                                     (width / 2, "val", "validation", "#e08a3c")):
+    for offset, key, name, color in ((-width / 2, "train", "training error, averaged over the last epoch's batches",
+                                      "#7aa6c2"),
+                                     (width / 2, "val", "validation error, after the last epoch", "#e08a3c")):
         means = [100 * r[f"{key}_error_mean"] for r in rows]
         stds = [100 * r[f"{key}_error_std"] for r in rows]
-        bars = ax.bar(x + offset, means, width, yerr=stds, capsize=4, label=f"{name} error (mean ± std over folds)",
+        bars = ax.bar(x + offset, means, width, yerr=stds, capsize=4, label=f"{name};\nmean ± std over folds",
                       color=color)
         for bar, label in zip(bars, labels):
             if label == best_label:
@@ -67,7 +68,8 @@ def learning_curves(history: Sequence[dict], title: str, eval_name: str = "test"
     """Training vs ``eval_name`` error and loss per epoch."""
     epochs = np.arange(1, len(history) + 1)
     fig, (ax_err, ax_loss) = _subplots(1, 2, figsize=(11, 4.2), layout="constrained")
-    for key, name, style in (("train", "training", "-o"), (eval_name, eval_name, "-s")):
+    for key, name, style in (("train", "training (averaged over the epoch's batches)", "-o"),
+                             (eval_name, f"{eval_name} (after the epoch)", "-s")):
         ax_err.plot(epochs, [100 * h[f"{key}_error"] for h in history], style, label=name)
         ax_loss.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=name)
     ax_err.set_ylabel("misclassification error (%)")

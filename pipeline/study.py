@@ -25,7 +25,8 @@ from pipeline.export import export_onnx
 from pipeline.inference import OnnxClassifier, evaluate_onnx, preferred_providers
 from pipeline.model import build_model, count_parameters
 from pipeline.report import EpochProgress, model_card, version_description
-from pipeline.tracking import Tracker, flatten, git_commit, package_versions, promote
+from pipeline.tracking import (Tracker, flatten, git_commit, package_versions, process_alive, process_identity,
+                               promote)
 from pipeline.train import FitResult, TrainingAborted, fit, resolve_device, to_pixels
 
 ROLE = "vitflow.role"
@@ -131,10 +132,13 @@ def start_study(study: Study) -> str:
     params = flatten("", study.cfg.model_dump(mode="json"))
     params.update({"data.train_images": len(study.data.train_labels), "data.test_images": len(study.data.test_labels),
                    "cv.candidates": len(study.candidates)})
-    tags = {**study_tags(study, device), "study_key": study.key, "code_version": study.code_version}
-    crashed = find_crashed_study(study)
+    tags = {**study_tags(study, device), "study_key": study.key, "code_version": study.code_version,
+            "process": process_identity()}
+    crashed, running = find_crashed_study(study)
     if crashed is not None:
         tags["resumed_from"] = crashed
+    if running:  # the same study, still running (or on another machine): left alone, both share the result store
+        tags["concurrent_with"] = ",".join(running)
     study.run_id = study.tracker.start_run(f"{study.cfg.name} study", tags=tags, params=params)
     study.tracker.set_tags(study.run_id, {"study_run_id": study.run_id})
     if crashed is not None:
@@ -142,13 +146,22 @@ def start_study(study: Study) -> str:
     return study.run_id
 
 
-def find_crashed_study(study: Study) -> str | None:
-    """The latest earlier run of this very study (same key) that did not finish, if any."""
+def find_crashed_study(study: Study) -> tuple[str | None, list[str]]:
+    """The latest earlier run of this very study (same key) that did not finish and whose process is gone, if any;
+    and the same study's runs still RUNNING in a live process (a schedule and a manual run at once) or on another
+    machine (which cannot be checked from here): those are not taken over, their runs are not closed."""
     runs = study.tracker.client.search_runs(
         [study.tracker.experiment_id],
         filter_string=f"tags.`{ROLE}` = 'study' and tags.study_key = '{study.key}' and attributes.status != 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else None
+        order_by=["attributes.start_time DESC"], max_results=50)
+    running = []
+    for run in runs:
+        process = run.data.tags.get("process")
+        if run.info.status == "RUNNING" and process and process_alive(process) is not False:
+            running.append(run.info.run_id)
+            continue
+        return run.info.run_id, running
+    return None, running
 
 
 def close_stale_runs(study: Study, crashed_run_id: str) -> list[str]:

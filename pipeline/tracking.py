@@ -81,6 +81,47 @@ def _store_lock(uri: str) -> AbstractContextManager[Any]:
     return nullcontext() if db is None else FileLock(f"{db}.lock", timeout=STORE_LOCK_TIMEOUT_S)
 
 
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux): a PID reused by another process differs."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def process_identity() -> str:
+    """host:pid:start ticks:boot id of this process, as a run tag: what ``process_alive`` checks."""
+    return f"{platform.node()}:{os.getpid()}:{_start_ticks(os.getpid())}:{_boot_id()}"
+
+
+def process_alive(identity: str) -> bool | None:
+    """Whether the process a ``process_identity`` names still runs: None when it ran on another machine (it cannot
+    be checked from here), False when it is gone (also after a reboot, or when its PID now names another process)."""
+    try:
+        host, pid, ticks, boot = identity.rsplit(":", 3)
+        pid_n = int(pid)
+    except ValueError:
+        return False
+    if host != platform.node():
+        return None
+    if boot and _boot_id() and boot != _boot_id():
+        return False
+    try:
+        os.kill(pid_n, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    return not (ticks and _start_ticks(pid_n) and ticks != _start_ticks(pid_n))
+
+
 def package_versions() -> dict[str, str]:
     out = {}
     for name in ("torch", "torchvision", "prefect", "mlflow", "onnx", "onnxruntime-gpu", "onnxruntime",

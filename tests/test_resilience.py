@@ -162,6 +162,30 @@ def test_sigkill_during_cv_then_resume(session_env, tmp_path, uninterrupted):
     assert resumed.data.metrics["best_val_error_mean"] == reference.data.metrics["best_val_error_mean"]
 
 
+def test_the_same_study_started_twice_leaves_the_live_one_alone(session_env, tmp_path):
+    """A schedule and a manual run of the same study at once: the second is no resume of the first, which is still
+    running (its process is alive). It neither closes the first one's runs nor claims to resume from it; it notes
+    the concurrent study, and both finish."""
+    env = _env(session_env, tmp_path, "twice")
+    first = _start_training(env)
+    try:
+        second = subprocess.run([sys.executable, "-m", "flows.cli", *STUDY], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=900)
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        out, _ = first.communicate(timeout=900)
+        assert first.returncode == 0, out[-4000:]
+    finally:
+        if first.poll() is None:
+            _kill_group(first)
+    studies = _study(env)
+    assert len(studies) == 2 and all(s.info.status == "FINISHED" for s in studies)
+    older, newer = studies
+    assert "resumed_from" not in newer.data.tags
+    assert newer.data.tags["concurrent_with"] == older.info.run_id
+    assert not _runs(env, "tags.closed_by != ''")  # nothing of the live study was closed as crashed
+    assert not _runs(env, "attributes.status != 'FINISHED'")
+
+
 def test_a_damaged_result_record_is_trained_again(session_env, tmp_path, uninterrupted):
     """A record cut short (a kill while Prefect wrote it, a full disk) or emptied is a cache miss, not a crash:
     the study trains that fold again and reuses the others."""

@@ -14,7 +14,7 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from pipeline import report  # noqa: E402
-from pipeline.config import ConfigError, list_presets, load_config  # noqa: E402
+from pipeline.config import ConfigError, list_presets, load_config, require_answering_server  # noqa: E402
 
 
 def _sigterm(signum: int, frame: Any) -> None:
@@ -155,6 +155,8 @@ def settle_garbage_collector() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.set)  # validate before Prefect or any data work starts
+        # A tracking server that is down: say so in seconds (MLflow's client would retry for minutes).
+        require_answering_server(os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or "")
         if args.runner == "dask":  # no tracking server, a bad or silent scheduler address: say so in seconds
             from flows import dask_runner
             from pipeline.tracking import tracking_uri

@@ -23,6 +23,32 @@ class ConfigError(ValueError):
     """A configuration problem a user can fix; the message is one line naming the field and the value."""
 
 
+class TrackingServerDown(ConfigError):
+    """The tracking URI names an MLflow server that does not answer."""
+
+
+def require_answering_server(uri: str, timeout_s: float = 5.0) -> None:
+    """An http(s) tracking URI must answer before a study starts: MLflow's client retries a refused connection for
+    minutes, and the study would fail after them with a traceback. Any HTTP answer counts (a server behind a proxy
+    or with authentication may refuse ``/health``); only no answer at all is an error."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlparse
+
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as exc:  # URLError (refused, unknown host), a timeout
+        reason = getattr(exc, "reason", None) or exc
+        raise TrackingServerDown(
+            f"the MLflow tracking server at {uri} does not answer ({reason}); start it (`make serve`, or "
+            f"`mlflow/server.sh` for the tracking server alone), or unset MLFLOW_TRACKING_URI to log to the local "
+            f"store mlflow/mlflow.db") from None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -22,7 +22,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import TrackingConfig
+from pipeline.config import TrackingConfig, require_answering_server
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STORE = PROJECT_ROOT / "mlflow"
@@ -163,6 +163,7 @@ class Tracker:
     that a crash can close every one of them as FAILED or KILLED."""
 
     def __init__(self, uri: str, experiment: str) -> None:
+        require_answering_server(uri)
         self.uri = uri
         mlflow.set_tracking_uri(uri)
         self.experiment_name = experiment

@@ -143,3 +143,29 @@ def test_champion_and_challenger_compare_accuracies_on_the_same_test_images_only
     assert promote(client, "old", v2, 0.95, 0.0, small)["alias"] == "challenger"  # subset seed 0 against 1
     new = client.create_model_version("old", source=(tmp_path / "model").as_uri()).version
     assert promote(client, "old", new, 0.95, 0.0, other_seed)["alias"] == "champion"
+
+
+def test_a_tracking_server_that_does_not_answer_stops_the_study_at_once(session_env, tmp_path):
+    """MLFLOW_TRACKING_URI naming a server that is down: one line naming it and the fix, exit 2, before any work
+    (MLflow's client retried for ~4 minutes, then the study failed with tracebacks). A deployment's flow run gets
+    the same error from the Tracker."""
+    import socket
+
+    import pytest
+
+    from pipeline.config import TrackingServerDown
+    from pipeline.tracking import Tracker
+
+    with socket.socket() as s:  # a free port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", "smoke"], cwd=REPO,
+                         env=dict(session_env, MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip() == (
+        f"vitflow: the MLflow tracking server at {uri} does not answer ([Errno 111] Connection refused); start it "
+        f"(`make serve`, or `mlflow/server.sh` for the tracking server alone), or unset MLFLOW_TRACKING_URI to log "
+        f"to the local store mlflow/mlflow.db")
+    with pytest.raises(TrackingServerDown, match="does not answer"):
+        Tracker(uri, "anything")

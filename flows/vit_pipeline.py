@@ -235,11 +235,10 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh
         asked: dict[Any, int] = {}  # future -> the configuration (grid position) that submitted it
 
         def collect(future) -> None:
-            out = future.result()
+            out, index = future.result(), asked.pop(future)
             # A result served from the store was trained under the same key, but maybe in a study whose grid had
             # another order or other points: it belongs to the configuration that asked for it in this study.
-            results.extend({**r, "candidate_index": asked.pop(future)} for r in (out if isinstance(out, list)
-                                                                                 else [out]))
+            results.extend({**r, "candidate_index": index} for r in (out if isinstance(out, list) else [out]))
 
         for index, fold_index in jobs:
             if len(running) >= workers:

@@ -143,6 +143,7 @@ def start_study(study: Study) -> str:
     study.tracker.set_tags(study.run_id, {"study_run_id": study.run_id})
     if crashed is not None:
         close_stale_runs(study, crashed)
+        close_unpromoted_versions(study, crashed)
     return study.run_id
 
 
@@ -162,6 +163,21 @@ def find_crashed_study(study: Study) -> tuple[str | None, list[str]]:
             continue
         return run.info.run_id, running
     return None, running
+
+
+def close_unpromoted_versions(study: Study, crashed_run_id: str) -> list[str]:
+    """Model versions the crashed study registered but did not get to promote (killed in between): they hold no
+    alias; tagged ``decision=none`` with the reason, so that nobody takes one for a vetted challenger."""
+    name, client = study.cfg.tracking.registered_model, study.tracker.client
+    closed = []
+    for version in client.search_model_versions(f"name = '{name}' and tags.study_run_id = '{crashed_run_id}'"):
+        if "decision" not in version.tags:
+            client.set_model_version_tag(name, version.version, "decision", "none")
+            client.set_model_version_tag(
+                name, version.version, "decision_reason",
+                f"its study died before the champion/challenger decision; study {study.run_id} took over")
+            closed.append(f"{name}/{version.version}")
+    return closed
 
 
 def close_stale_runs(study: Study, crashed_run_id: str) -> list[str]:
@@ -462,19 +478,20 @@ def register(study: Study, onnx_path: Path, run_id: str, report: dict[str, Any])
     signature = infer_signature(sample, OnnxClassifier(onnx_path, device="cpu").logits(sample))
     name = study.cfg.tracking.registered_model
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name=name,
+        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model",
                                      signature=signature, input_example=sample[:2], save_as_external_data=False,
                                      onnx_execution_providers=preferred_providers(),
                                      pip_requirements=model_requirements())
     study.tracker.end_run(run_id)  # start_run's exit finished it; keep the tracker's bookkeeping in step
-    version = str(info.registered_model_version)
-    client = study.tracker.client
-    for key, value in {"test_accuracy": report["test_accuracy"], "study_run_id": study.run_id,
-                       "final_run_id": run_id, "onnxruntime_provider": report["provider"],
-                       "preset": study.cfg.name}.items():
-        client.set_model_version_tag(name, version, key, str(value))
     test_set = test_set_id(study.cfg.data.test_subset, study.cfg.data.subset_seed,
                            study.data.md5.get("t10k-images-idx3-ubyte"))
+    # The version is created with its evaluation tags in one call: a kill between registering and tagging left a
+    # version that said nothing about itself. One killed before the promotion below has no `decision` and no
+    # alias; the study that resumes this one marks it (close_unpromoted_versions).
+    version = str(mlflow.register_model(info.model_uri, name, tags={
+        "test_accuracy": report["test_accuracy"], "test_set": test_set, "study_run_id": study.run_id,
+        "final_run_id": run_id, "onnxruntime_provider": report["provider"], "preset": study.cfg.name}).version)
+    client = study.tracker.client
     decision = promote(client, name, version, report["test_accuracy"], study.cfg.tracking.champion_margin,
                        test_set)
     study.tracker.set_tags(study.run_id, {"registered_model": name, "registered_version": version,
@@ -548,21 +565,18 @@ def quantize(study: Study, onnx_path: Path, run_id: str) -> dict[str, Any]:
     sample = to_pixels(study.data.test_images[:4]).numpy()
     signature = infer_signature(sample, OnnxClassifier(int8_path, device="cpu").logits(sample))
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.onnx.log_model(onnx.load(str(int8_path)), name="model-int8",
-                                     registered_model_name=name if accepted else None, signature=signature,
+        info = mlflow.onnx.log_model(onnx.load(str(int8_path)), name="model-int8", signature=signature,
                                      input_example=sample[:2], save_as_external_data=False,
                                      onnx_execution_providers=["CPUExecutionProvider"],
                                      pip_requirements=model_requirements())
     study.tracker.client.update_run(run_id, status="RUNNING")  # start_run's exit ended it; register-model ends it
     tags = {"int8_registered": str(accepted).lower(), "int8_reason": reason, "int8_path": str(int8_path)}
     out = {**figures, "int8_path": str(int8_path), "int8_registered": accepted, "int8_reason": reason}
-    if accepted:
-        version = str(info.registered_model_version)
-        for key, value in {"test_accuracy": figures["int8_test_accuracy"], "accuracy_drop": drop,
-                           "fp32_model": study.cfg.tracking.registered_model, "final_run_id": run_id,
-                           "study_run_id": study.run_id, "quantization": "ONNX Runtime dynamic, int8 weights",
-                           "preset": study.cfg.name}.items():
-            study.tracker.client.set_model_version_tag(name, version, key, str(value))
+    if accepted:  # registered with its tags in one call, as the fp32 model
+        version = str(mlflow.register_model(info.model_uri, name, tags={
+            "test_accuracy": figures["int8_test_accuracy"], "accuracy_drop": drop,
+            "fp32_model": study.cfg.tracking.registered_model, "final_run_id": run_id, "study_run_id": study.run_id,
+            "quantization": "ONNX Runtime dynamic, int8 weights", "preset": study.cfg.name}).version)
         tags["int8_model_uri"] = out["int8_model_uri"] = f"models:/{name}/{version}"
     study.tracker.set_tags(run_id, tags)
     return out

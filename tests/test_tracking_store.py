@@ -169,3 +169,29 @@ def test_a_tracking_server_that_does_not_answer_stops_the_study_at_once(session_
         f"to the local store mlflow/mlflow.db")
     with pytest.raises(TrackingServerDown, match="does not answer"):
         Tracker(uri, "anything")
+
+
+def test_a_version_its_study_did_not_promote_is_marked_by_the_study_that_resumes_it(tmp_path):
+    """A study killed between registering its model and the champion/challenger decision leaves a version with
+    its evaluation tags but no decision and no alias; the study that resumes it tags that version decision=none
+    with the reason (other studies' versions are left as they are)."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.study import close_unpromoted_versions
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_registered_model("m")
+    source = (tmp_path / "model").as_uri()
+    decided = client.create_model_version("m", source, tags={"study_run_id": "crashed", "decision": "champion"})
+    orphan = client.create_model_version("m", source, tags={"study_run_id": "crashed", "test_accuracy": "0.9"})
+    other = client.create_model_version("m", source, tags={"study_run_id": "another"})
+    study = SimpleNamespace(cfg=SimpleNamespace(tracking=SimpleNamespace(registered_model="m")),
+                            tracker=SimpleNamespace(client=client), run_id="resumer")
+    assert close_unpromoted_versions(study, "crashed") == [f"m/{orphan.version}"]
+    tags = client.get_model_version("m", orphan.version).tags
+    assert tags["decision"] == "none" and "study resumer took over" in tags["decision_reason"]
+    assert client.get_model_version("m", decided.version).tags["decision"] == "champion"
+    assert "decision" not in client.get_model_version("m", other.version).tags
+    assert close_unpromoted_versions(study, "nobody") == []

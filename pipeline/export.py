@@ -3,8 +3,10 @@ with PyTorch. The file appears under its final name only after every check passe
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,9 @@ from torch import Tensor, nn
 from pipeline.inference import OnnxClassifier
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
+
+
+STALE_TMP_S = 3600  # an export takes seconds: a temporary file this old was left by a killed one
 
 
 class ExportError(RuntimeError):
@@ -34,6 +39,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, sample_pixels: Tensor
     sample = sample_pixels.detach().to("cpu", torch.float32)
     if len(sample) < 2:
         raise ExportError("parity check needs a batch of at least 2 images")
+    for stale in path.parent.glob(f".{glob.escape(path.stem)}-*.onnx.tmp"):  # an export killed mid-write (SIGKILL)
+        if time.time() - stale.stat().st_mtime > STALE_TMP_S:  # a younger one may be another process's, now
+            stale.unlink(missing_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".onnx.tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)

@@ -49,19 +49,43 @@ wait_http() {  # url, seconds, service
   done
 }
 
-alive() { [[ -f "$STACK_DIR/$1.pid" ]] && kill -0 "$(cat "$STACK_DIR/$1.pid")" 2>/dev/null; }
+boot_id() { cat /proc/sys/kernel/random/boot_id 2>/dev/null || true; }
+start_ticks() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $20}' || true; }  # since boot
+
+# A pid file holds "PGID START_TICKS BOOT_ID": the group's leader and when it started. The group is ours while
+# any of its processes runs (a leader killed alone can leave a child serving the port), unless the machine
+# rebooted or the leader's PID now names another process (a stale file must never stop someone else's group).
+alive() {
+  local pgid ticks boot now
+  [[ -f "$STACK_DIR/$1.pid" ]] || return 1
+  read -r pgid ticks boot < "$STACK_DIR/$1.pid" || true
+  [[ "$pgid" =~ ^[0-9]+$ && -n "$ticks" ]] || return 1  # a bare PID (an older script's file) proves nothing
+  kill -0 -- "-$pgid" 2>/dev/null || return 1
+  [[ "$boot" == "$(boot_id)" ]] || return 1
+  now=$(start_ticks "$pgid")
+  [[ -z "$now" || "$ticks" == "$now" ]]  # leader gone (its group still runs), or the same leader
+}
+
+pgid_of() { local pgid=""; read -r pgid _ < "$STACK_DIR/$1.pid" || true; echo "$pgid"; }
 
 launch() {  # name, command...: own session = own process group (pgid == pid)
   local name=$1; shift
   setsid "$@" >"$STACK_DIR/$name.log" 2>&1 < /dev/null &
-  echo $! >"$STACK_DIR/$name.pid"
+  echo "$! $(start_ticks $!) $(boot_id)" >"$STACK_DIR/$name.pid"
+}
+
+check_port() {  # name, value
+  [[ "$2" =~ ^[0-9]+$ ]] && (( $2 >= 1 && $2 <= 65535 )) || die "$1=$2 is not a port number (1-65535)"
 }
 
 start() {
   [[ -x "$BIN/prefect" ]] || die "$BIN/prefect not found; run 'make install' first"
   for svc in "${SERVICES[@]}"; do
-    alive "$svc" && die "$svc is already running (pid $(cat "$STACK_DIR/$svc.pid")); run 'make stop' first"
+    alive "$svc" && die "$svc is already running (process group $(pgid_of "$svc")); run 'make stop' first"
   done
+  check_port PREFECT_PORT "$PREFECT_PORT"
+  check_port MLFLOW_PORT "$MLFLOW_PORT"
+  [[ "$PREFECT_PORT" != "$MLFLOW_PORT" ]] || die "PREFECT_PORT and MLFLOW_PORT are both $PREFECT_PORT; give them two ports"
   port_free "$PREFECT_PORT" || die "port $PREFECT_PORT on $HOST is already in use; choose another with PREFECT_PORT=..."
   port_free "$MLFLOW_PORT" || die "port $MLFLOW_PORT on $HOST is already in use; choose another with MLFLOW_PORT=..."
   trap 'echo "stack: start failed; stopping what was started" >&2; stop' EXIT  # no half-started stack
@@ -75,9 +99,16 @@ start() {
 
   (cd "$HOME_DIR" && "$BIN/prefect" --no-prompt work-pool create "$POOL" --type process --overwrite) \
     >>"$STACK_DIR/deploy.log" 2>&1 || die "could not create work pool $POOL; see $STACK_DIR/deploy.log"
+  # prefect.yaml's schedules say active: true; a schedule the operator paused stays paused (scripts/schedules.py).
+  "$BIN/python" "$HOME_DIR/scripts/schedules.py" save "$STACK_DIR/paused-schedules.json" \
+    >>"$STACK_DIR/deploy.log" 2>&1 || die "could not read the deployments' schedules; see $STACK_DIR/deploy.log"
   (cd "$HOME_DIR" && "$BIN/prefect" --no-prompt deploy --all) \
     >>"$STACK_DIR/deploy.log" 2>&1 || die "prefect deploy --all failed; see $STACK_DIR/deploy.log"
-  (cd "$HOME_DIR" && launch worker "$BIN/prefect" worker start --pool "$POOL" --type process)
+  "$BIN/python" "$HOME_DIR/scripts/schedules.py" restore "$STACK_DIR/paused-schedules.json" 2>>"$STACK_DIR/deploy.log" \
+    || die "could not keep the paused schedules paused; see $STACK_DIR/deploy.log"
+  # VITFLOW_STACK_RUN marks the worker's flow runs (its children inherit it, each in its own session): `stop` finds
+  # them by it even after the worker itself was killed.
+  (cd "$HOME_DIR" && VITFLOW_STACK_RUN="$STACK_DIR" launch worker "$BIN/prefect" worker start --pool "$POOL" --type process)
   sleep 2
   alive worker || die "the worker exited at start; see $STACK_DIR/worker.log"
   trap - EXIT
@@ -101,20 +132,49 @@ EOF
 stop_one() {
   local svc=$1 pid
   [[ -f "$STACK_DIR/$svc.pid" ]] || return 0
-  pid=$(cat "$STACK_DIR/$svc.pid")
-  if kill -0 "$pid" 2>/dev/null; then
+  pid=$(pgid_of "$svc")
+  if alive "$svc"; then
     kill -TERM -- "-$pid" 2>/dev/null || true
     for _ in $(seq 1 20); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.5; done
     kill -TERM -- "-$pid" 2>/dev/null || true  # a Prefect worker wants a second SIGTERM
     for _ in $(seq 1 10); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.5; done
     kill -KILL -- "-$pid" 2>/dev/null || true
     echo "stopped $svc (process group $pid)"
+  elif [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 -- "-$pid" 2>/dev/null; then
+    echo "$svc: stale pid file: process group $pid is not the one this stack started (another program, or one" \
+         "it cannot identify), so it was left alone; if it is this stack's, end it with: kill -- -$pid"
   fi
   rm -f "$STACK_DIR/$svc.pid"
 }
 
+flow_runs() {  # processes carrying this stack's VITFLOW_STACK_RUN: flow runs a killed worker left behind
+  local e pid
+  for e in /proc/[0-9]*/environ; do
+    pid=${e#/proc/}; pid=${pid%/environ}
+    tr '\0' '\n' 2>/dev/null < "$e" | grep -qxF "VITFLOW_STACK_RUN=$STACK_DIR" && echo "$pid"
+  done
+  return 0
+}
+
+stop_flow_runs() {  # SIGTERM (each closes its MLflow runs as KILLED while the servers are still up), then SIGKILL
+  local pids left
+  pids=$(flow_runs | tr '\n' ' ')
+  [[ -n "${pids// }" ]] || return 0
+  # shellcheck disable=SC2086
+  kill -TERM $pids 2>/dev/null || true
+  for _ in $(seq 1 60); do
+    left=""; for p in $pids; do kill -0 "$p" 2>/dev/null && left+="$p "; done
+    [[ -n "$left" ]] || break; sleep 0.5
+  done
+  # shellcheck disable=SC2086
+  [[ -z "$left" ]] || kill -KILL $left 2>/dev/null || true
+  echo "stopped flow-run process(es) the worker had left: $pids"
+}
+
 stop() {
-  for svc in "${SERVICES[@]}"; do stop_one "$svc"; done
+  stop_one worker
+  stop_flow_runs
+  for svc in "${SERVICES[@]}"; do [[ "$svc" == worker ]] || stop_one "$svc"; done
   if [[ -f "$STACK_DIR/profile-api-url" ]]; then  # undo the profile setting if it is still ours
     if [[ "$(env -u PREFECT_API_URL "$BIN/prefect" config view 2>/dev/null | grep -o "PREFECT_API_URL='[^']*'")" == "PREFECT_API_URL='$(cat "$STACK_DIR/profile-api-url")'" ]]; then
       "$BIN/prefect" --no-prompt config unset PREFECT_API_URL >/dev/null 2>&1 || true
@@ -125,7 +185,10 @@ stop() {
 
 status() {
   for svc in prefect mlflow worker; do
-    if alive "$svc"; then echo "$svc: running (pid $(cat "$STACK_DIR/$svc.pid"))"; else echo "$svc: stopped"; fi
+    if alive "$svc"; then
+      if kill -0 "$(pgid_of "$svc")" 2>/dev/null; then echo "$svc: running (process group $(pgid_of "$svc"))"
+      else echo "$svc: running without its leader (process group $(pgid_of "$svc")); 'make stop' ends it"; fi
+    else echo "$svc: stopped"; fi
   done
 }
 

@@ -44,6 +44,22 @@ def test_failed_parity_leaves_no_file(trained, mnist, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_killed_exports_temporary_file_is_removed_by_the_next_export(trained, mnist, tmp_path):
+    """SIGKILL mid-export leaves the temporary file (no finally runs): the next export into the folder removes such
+    files once they are an hour old; a younger one may belong to an export running now, and stays."""
+    import os
+    import time
+
+    old, young = tmp_path / ".vit-killed.onnx.tmp", tmp_path / ".vit-running.onnx.tmp"
+    other = tmp_path / ".other-killed.onnx.tmp"  # another model's: not this export's to judge
+    for f in (old, young, other):
+        f.write_bytes(b"")
+    for f in (old, other):
+        os.utime(f, (time.time() - 7200, time.time() - 7200))
+    export_onnx(trained, tmp_path / "vit.onnx", to_pixels(mnist.test_images[:8]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([young.name, other.name, "vit.onnx"])
+
+
 def test_conv_stem_exports_with_parity_and_quantizes(mnist, tmp_path):
     """model.stem=conv: the stem's convolutions are ONNX Conv nodes; parity holds and the int8 file loads."""
     from pipeline.model import build_model

@@ -3,6 +3,7 @@ run through `prefect deployment run`, results read back over the MLflow HTTP API
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -51,7 +52,7 @@ def stack(tmp_path_factory, data_root):
     started = subprocess.run([str(REPO / "scripts" / "stack.sh"), "start"], env=env, capture_output=True,
                              text=True, timeout=300)
     state = base / "state"
-    pids = {p.stem: int(p.read_text()) for p in state.glob("*.pid")}
+    pids = {p.stem: int(p.read_text().split()[0]) for p in state.glob("*.pid")}  # "PGID START_TICKS BOOT_ID"
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         assert set(pids) == {"prefect", "mlflow", "worker"}
@@ -220,6 +221,59 @@ def _wait_text(browser, *needles: str, seconds: float = 60) -> str:
 def _serve(env, log: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", *args], cwd=REPO,
                             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stack(env, command, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "scripts" / "stack.sh"), command], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_restart_keeps_a_paused_schedule_paused_and_stop_ends_orphaned_flow_runs(stack):
+    """`make serve` applies prefect.yaml again (active: true) but keeps a schedule the operator paused paused; and
+    `make stop` ends a flow-run process that outlived its worker (marked by the worker's VITFLOW_STACK_RUN)."""
+    env, _ = stack
+    name = "vit-pipeline/scheduled-retraining"
+    listed = _prefect(env, "deployment", "schedule", "ls", name, "-o", "json")
+    assert listed.returncode == 0, listed.stderr
+    schedule_id = next(s["id"] for s in json.loads(listed.stdout) if s["schedule"] == "cron: 0 3 * * 1")
+    paused = _prefect(env, "deployment", "schedule", "pause", name, schedule_id)
+    assert paused.returncode == 0, paused.stdout + paused.stderr
+    state = env["VITFLOW_STACK_DIR"]
+    orphan = subprocess.Popen(["sleep", "600"], env=dict(env, VITFLOW_STACK_RUN=state), start_new_session=True)
+    stopped = _stack(env, "stop", timeout=120)
+    assert stopped.returncode == 0 and f"flow-run process(es) the worker had left: {orphan.pid}" in stopped.stdout
+    assert orphan.wait(timeout=5) is not None
+    started = _stack(env, "start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert f"kept paused: {name} schedule 0 3 * * 1" in started.stdout
+    listed = _prefect(env, "deployment", "schedule", "ls", name, "-o", "json")
+    assert [s["active"] for s in json.loads(listed.stdout)] == [False], listed.stdout
+
+
+def test_bad_ports_and_stale_pid_files(tmp_path):
+    """Ports that are not numbers or are the same stop `make serve` with a message naming them; a pid file whose PID
+    now names another program (other start time), or a bare PID (no start time recorded), never makes `make stop`
+    end that program's process group."""
+    env = dict(os.environ, VITFLOW_STACK_DIR=str(tmp_path / "state"))
+    for ports, message in ((("abc", "5999"), "PREFECT_PORT=abc is not a port number (1-65535)"),
+                           (("4999", "99999"), "MLFLOW_PORT=99999 is not a port number (1-65535)"),
+                           (("4999", "4999"), "PREFECT_PORT and MLFLOW_PORT are both 4999")):
+        out = _stack(dict(env, PREFECT_PORT=ports[0], MLFLOW_PORT=ports[1]), "start", timeout=60)
+        assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    other = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        (tmp_path / "state" / "worker.pid").write_text(f"{other.pid} 12345 {boot}\n")  # a reused PID
+        (tmp_path / "state" / "prefect.pid").write_text(f"{other.pid}\n")  # an older script's file
+        status = _stack(env, "status", timeout=60)
+        assert "worker: stopped" in status.stdout and "prefect: stopped" in status.stdout
+        stopped = _stack(env, "stop", timeout=60)
+        assert stopped.returncode == 0 and "left alone" in stopped.stdout
+        assert other.poll() is None and _pgid_alive(other.pid)
+        assert not list((tmp_path / "state").glob("*.pid"))
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_vitflow_serve_refuses_what_it_cannot_serve(tmp_path, data_root):

@@ -155,13 +155,13 @@ def settle_garbage_collector() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.set)  # validate before Prefect or any data work starts
-        # A tracking server that is down: say so in seconds (MLflow's client would retry for minutes).
-        require_answering_server(os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or "")
         if args.runner == "dask":  # no tracking server, a bad or silent scheduler address: say so in seconds
             from flows import dask_runner
             from pipeline.tracking import tracking_uri
 
             args.dask_address = dask_runner.preflight(tracking_uri(cfg.tracking), args.dask_address)
+        # A tracking server that is down: say so in seconds (MLflow's client would retry for minutes).
+        require_answering_server(os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or "")
     except ConfigError as exc:
         print(f"vitflow: {exc}", file=sys.stderr)
         return 2

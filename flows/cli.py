@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import signal
 import sys
@@ -152,6 +153,21 @@ def settle_garbage_collector() -> None:
     gc.freeze()
 
 
+class _NoTracebackFor(logging.Filter):
+    """Drops the traceback from Prefect's "Encountered exception during execution" record when the exception is
+    one the CLI explains in one line (bad data, a bad configuration): its message stays in the log, and the final
+    ``vitflow:`` line says what to do. Unexpected exceptions keep their traceback."""
+
+    def __init__(self, *expected: type[BaseException]) -> None:
+        super().__init__()
+        self.expected = expected
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], self.expected):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.set)  # validate before Prefect or any data work starts
@@ -169,6 +185,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.vit_pipeline import vit_pipeline  # torch, Prefect, MLflow: only once the config is known good
     from pipeline.data import DataError
 
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_NoTracebackFor(DataError, ConfigError))
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         if booting is not None:

@@ -172,6 +172,8 @@ def test_missing_data_fails_clearly_before_training(session_env, tmp_path):
     ours = [line for line in result.stderr.splitlines() if line.startswith("vitflow:")]
     assert len(ours) == 1, result.stderr[-3000:]
     assert ours[0].startswith("vitflow: MNIST not found") and "nothing-here/MNIST/raw" in ours[0]
+    # Prefect's log keeps the message but not a 60-line traceback above the line that says what to do
+    assert "Traceback" not in result.stderr and "Encountered exception during execution" in result.stderr
 
 
 def test_diverging_study_fails_cleanly(session_env, tmp_path):

@@ -292,7 +292,8 @@ def test_reused_folds_belong_to_the_configuration_that_asks_for_them(session_env
     from .conftest import run_cli
 
     out = run_cli(["run", "--config", "smoke", "--set", "cv.grid.model.depth=[2,1]",
-                   "--set", "cv.grid.train.seed=[1,0]", "--set", "export.quantize=false", "--set", "tracking.experiment=vitflow-smoke-regrid",
+                   "--set", "cv.grid.train.seed=[1,0]", "--set", "export.quantize=false",
+                   "--set", "tracking.experiment=vitflow-smoke-regrid",
                    "--set", "tracking.registered_model=vit-mnist-smoke-regrid"], session_env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
 

@@ -42,9 +42,7 @@ test-scale-out: install
 	$(BIN)/python -m pytest tests/test_scale_out.py $(PYTEST_ARGS)
 
 ui: install
-	$(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
-		--backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --default-artifact-root $(CURDIR)/mlflow/artifacts \
-		--artifacts-destination $(CURDIR)/mlflow/artifacts --workers 1
+	MLFLOW_BIN=$(BIN)/mlflow mlflow/server.sh
 
 serve: install
 	scripts/stack.sh start

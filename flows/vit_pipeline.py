@@ -196,6 +196,10 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh
     running: list = []
     try:
         steps.start_study(study)
+        if study.closed_abandoned:
+            logger.warning("closed %d study run(s) left RUNNING by a process that is gone: %s (their MLflow runs "
+                           "are now KILLED, tagged closed_by=%s)", len(study.closed_abandoned),
+                           ", ".join(study.closed_abandoned), study.run_id)
         batched = steps.batch_folds(cfg)
         if batched:  # one task per configuration, its folds trained as one stacked model
             jobs = [(i, None) for i in range(len(study.candidates))]

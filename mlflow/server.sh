@@ -12,7 +12,14 @@ port="${MLFLOW_PORT:-5000}"
 mlflow_bin="${MLFLOW_BIN:-$(dirname "$here")/.venv/bin/mlflow}"
 [ -x "$mlflow_bin" ] || mlflow_bin="$(command -v mlflow)"
 if (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; then
-  echo "mlflow/server.sh: port $port on $host is already in use; choose another with MLFLOW_PORT=..." >&2
+  if [ "$("$(dirname "$mlflow_bin")/python" -c "import sys, urllib.request
+print(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())" "http://$host:$port/health" 2>/dev/null)" = OK ]
+  then  # most often the stack's own server (make serve), over this same store
+    echo "mlflow/server.sh: an MLflow server already answers on http://$host:$port (make serve's, if the stack" \
+         "runs; 'make status' says): open that, or choose another port with MLFLOW_PORT=..." >&2
+  else
+    echo "mlflow/server.sh: port $port on $host is already in use; choose another with MLFLOW_PORT=..." >&2
+  fi
   exit 1
 fi
 # Bound to loopback (the default), every client is on this machine: new experiments keep their artifacts as plain

@@ -58,6 +58,7 @@ class Study:
     folds: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
     selected: str = ""
+    closed_abandoned: list[str] = field(default_factory=list)  # study runs of dead processes that start_study closed
     # Set when the study stops; fold tasks poll it between batches. A threading.Event, or any object with
     # set()/is_set() that pickles (the Dask runner's cluster-wide stop signal, flows/dask_runner.py).
     abort: Any = field(default_factory=threading.Event)
@@ -139,11 +140,20 @@ def start_study(study: Study) -> str:
         tags["resumed_from"] = crashed
     if running:  # the same study, still running (or on another machine): left alone, both share the result store
         tags["concurrent_with"] = ",".join(running)
+    abandoned = find_abandoned_studies(study, exclude=crashed)
+    if abandoned:
+        tags["closed_abandoned"] = ",".join(abandoned)[:5000]
     study.run_id = study.tracker.start_run(f"{study.cfg.name} study", tags=tags, params=params)
     study.tracker.set_tags(study.run_id, {"study_run_id": study.run_id})
     if crashed is not None:
-        close_stale_runs(study, crashed)
-        close_unpromoted_versions(study, crashed)
+        close_stale_runs(study, crashed, "the process running it died; closed by the resumed study")
+        close_unpromoted_versions(study, crashed, f"its study died before the champion/challenger decision; "
+                                                  f"study {study.run_id} took over")
+    for run_id in abandoned:
+        close_stale_runs(study, run_id, "the process running it died; closed by a later study in this experiment")
+        close_unpromoted_versions(study, run_id, f"its study died before the champion/challenger decision; "
+                                                 f"closed by study {study.run_id}")
+    study.closed_abandoned = abandoned
     return study.run_id
 
 
@@ -165,30 +175,39 @@ def find_crashed_study(study: Study) -> tuple[str | None, list[str]]:
     return None, running
 
 
-def close_unpromoted_versions(study: Study, crashed_run_id: str) -> list[str]:
-    """Model versions the crashed study registered but did not get to promote (killed in between): they hold no
-    alias; tagged ``decision=none`` with the reason, so that nobody takes one for a vetted challenger."""
-    name, client = study.cfg.tracking.registered_model, study.tracker.client
+def find_abandoned_studies(study: Study, exclude: str | None = None) -> list[str]:
+    """Studies of any configuration in this experiment still RUNNING though the process that ran them on this
+    machine is gone (a SIGKILL, a reboot): closed by whichever study starts next, not only by a rerun of the same
+    one. Studies on other machines cannot be checked from here and are left alone."""
+    runs = study.tracker.client.search_runs(
+        [study.tracker.experiment_id],
+        filter_string=f"tags.`{ROLE}` = 'study' and attributes.status = 'RUNNING'", max_results=1000)
+    return [run.info.run_id for run in runs if run.info.run_id != exclude and run.data.tags.get("process")
+            and process_alive(run.data.tags["process"]) is False]
+
+
+def close_unpromoted_versions(study: Study, crashed_run_id: str, reason: str) -> list[str]:
+    """Model versions the crashed study registered (under whichever model name it used) but did not get to promote
+    (killed in between): they hold no alias; tagged ``decision=none`` with the reason, so that nobody takes one for
+    a vetted challenger."""
+    client = study.tracker.client
     closed = []
-    for version in client.search_model_versions(f"name = '{name}' and tags.study_run_id = '{crashed_run_id}'"):
+    for version in client.search_model_versions(f"tags.study_run_id = '{crashed_run_id}'"):
         if "decision" not in version.tags:
-            client.set_model_version_tag(name, version.version, "decision", "none")
-            client.set_model_version_tag(
-                name, version.version, "decision_reason",
-                f"its study died before the champion/challenger decision; study {study.run_id} took over")
-            closed.append(f"{name}/{version.version}")
+            client.set_model_version_tag(version.name, version.version, "decision", "none")
+            client.set_model_version_tag(version.name, version.version, "decision_reason", reason)
+            closed.append(f"{version.name}/{version.version}")
     return closed
 
 
-def close_stale_runs(study: Study, crashed_run_id: str) -> list[str]:
+def close_stale_runs(study: Study, crashed_run_id: str, reason: str) -> list[str]:
     """Runs a killed process left RUNNING (SIGKILL leaves no chance to clean up) end KILLED, tagged with the
-    study that took over."""
+    study that closed them and why."""
     stale = study.tracker.client.search_runs(
         [study.tracker.experiment_id],
         filter_string=f"tags.study_run_id = '{crashed_run_id}' and attributes.status = 'RUNNING'", max_results=1000)
     for run in stale:
-        study.tracker.set_tags(run.info.run_id, {"closed_by": study.run_id,
-                                                 "error": "the process running it died; closed by the resumed study"})
+        study.tracker.set_tags(run.info.run_id, {"closed_by": study.run_id, "error": reason})
         study.tracker.end_run(run.info.run_id, "KILLED")
     return [r.info.run_id for r in stale]
 

@@ -186,6 +186,31 @@ def test_the_same_study_started_twice_leaves_the_live_one_alone(session_env, tmp
     assert not _runs(env, "attributes.status != 'FINISHED'")
 
 
+def test_a_killed_study_is_closed_by_the_next_study_of_another_configuration(session_env, tmp_path):
+    """A study killed (SIGKILL) and never run again does not stay RUNNING in MLflow: the next study in the same
+    experiment, whatever its configuration, finds that its process is gone and closes its runs as KILLED."""
+    env = _env(session_env, tmp_path, "abandoned")
+    killed = _start_training(env)
+    _kill_group(killed)
+    [abandoned] = _study(env)
+    assert abandoned.info.status == "RUNNING"
+    left_running = {r.info.run_id for r in _runs(env, "attributes.status = 'RUNNING'")}
+    assert len(left_running) >= 3  # the study, a configuration, a fold at least
+
+    other = subprocess.run([sys.executable, "-m", "flows.cli", *STUDY, "--set", "data.train_subset=2000",
+                            "--set", "train.epochs=1", "--set", "export.quantize=false"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert other.returncode == 0, other.stdout[-3000:] + other.stderr[-3000:]
+    assert f"closed 1 study run(s) left RUNNING by a process that is gone: {abandoned.info.run_id}" in other.stderr
+    newer = _study(env)[-1]
+    assert "resumed_from" not in newer.data.tags  # another configuration: nothing to resume
+    assert newer.data.tags["closed_abandoned"] == abandoned.info.run_id
+    assert not _runs(env, "attributes.status = 'RUNNING'")
+    for run_id in left_running:
+        run = _client(env).get_run(run_id)
+        assert run.info.status == "KILLED" and run.data.tags["closed_by"] == newer.info.run_id, run.data.tags
+
+
 def test_a_damaged_result_record_is_trained_again(session_env, tmp_path, uninterrupted):
     """A record cut short (a kill while Prefect wrote it, a full disk) or emptied is a cache miss, not a crash:
     the study trains that fold again and reuses the others."""

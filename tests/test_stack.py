@@ -87,6 +87,18 @@ def test_port_in_use_is_a_clear_error(stack):
                             timeout=60)
     assert result.returncode != 0
     assert f"port {env['PREFECT_PORT']} on 127.0.0.1 is already in use" in result.stderr
+    # `make ui` (mlflow/server.sh) on the stack's MLflow port: that server already serves the UI, say so
+    ui = subprocess.run([str(REPO / "mlflow" / "server.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert ui.returncode == 1
+    assert f"an MLflow server already answers on http://127.0.0.1:{env['MLFLOW_PORT']}" in ui.stderr, ui.stderr
+    with socket.socket() as other:  # a port some other program listens on
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        ui = subprocess.run([str(REPO / "mlflow" / "server.sh")], env=dict(env, MLFLOW_PORT=str(port)),
+                            capture_output=True, text=True, timeout=60)
+    assert ui.returncode == 1
+    assert f"port {port} on 127.0.0.1 is already in use; choose another with MLFLOW_PORT" in ui.stderr, ui.stderr
 
 
 def test_scheduled_deployment_has_its_cron(stack):

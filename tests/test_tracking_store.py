@@ -187,11 +187,14 @@ def test_a_version_its_study_did_not_promote_is_marked_by_the_study_that_resumes
     decided = client.create_model_version("m", source, tags={"study_run_id": "crashed", "decision": "champion"})
     orphan = client.create_model_version("m", source, tags={"study_run_id": "crashed", "test_accuracy": "0.9"})
     other = client.create_model_version("m", source, tags={"study_run_id": "another"})
+    client.create_registered_model("m-renamed")  # the crashed study's own model name, whatever this study's is
+    renamed = client.create_model_version("m-renamed", source, tags={"study_run_id": "crashed"})
     study = SimpleNamespace(cfg=SimpleNamespace(tracking=SimpleNamespace(registered_model="m")),
                             tracker=SimpleNamespace(client=client), run_id="resumer")
-    assert close_unpromoted_versions(study, "crashed") == [f"m/{orphan.version}"]
+    assert sorted(close_unpromoted_versions(study, "crashed", "study resumer took over")) == [
+        f"m-renamed/{renamed.version}", f"m/{orphan.version}"]
     tags = client.get_model_version("m", orphan.version).tags
     assert tags["decision"] == "none" and "study resumer took over" in tags["decision_reason"]
     assert client.get_model_version("m", decided.version).tags["decision"] == "champion"
     assert "decision" not in client.get_model_version("m", other.version).tags
-    assert close_unpromoted_versions(study, "nobody") == []
+    assert close_unpromoted_versions(study, "nobody", "study resumer took over") == []

@@ -24,7 +24,7 @@ from pipeline import data as data_lib  # noqa: E402
 from pipeline import report as report_lib  # noqa: E402
 from pipeline import study as steps  # noqa: E402
 from pipeline.config import DataConfig, StudyConfig, load_config  # noqa: E402
-from pipeline.tracking import PROJECT_ROOT, Tracker, failure_status, tracking_uri  # noqa: E402
+from pipeline.tracking import PROJECT_ROOT, Heartbeat, Tracker, failure_status, tracking_uri  # noqa: E402
 from pipeline.train import PLAN_AFTER_EPOCHS, configure_threads, resolve_device  # noqa: E402
 
 MAX_FOLD_WORKERS = 16
@@ -194,8 +194,10 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh
         cluster = dask_runner.attach(active_runner, tracker.uri)
         study.abort = dask_runner.ClusterStop(f"vitflow-stop-{uuid.uuid4().hex}", cluster["client"])
     running: list = []
+    heartbeat = None
     try:
         steps.start_study(study)
+        heartbeat = Heartbeat(tracker, study.run_id)  # how a study on another machine is known to be alive
         if study.closed_abandoned:
             logger.warning("closed %d study run(s) left RUNNING by a process that is gone: %s (their MLflow runs "
                            "are now KILLED, tagged closed_by=%s)", len(study.closed_abandoned),
@@ -315,8 +317,11 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh
         summary["folds_reused"], summary["folds_trained"] = reused, len(results) - reused
         summary["fold_runner"] = where
         card = model_card(quote(study), summary)  # model_card.md on the final run, the version's description
+        heartbeat.stop()
         tracker.end_run(study.run_id)
     except BaseException as exc:
+        if heartbeat is not None:
+            heartbeat.stop()
         status = failure_status(exc)
         study.abort.set()  # folds still training stop at their next epoch boundary
         wait(running, timeout=600)

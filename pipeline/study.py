@@ -25,8 +25,8 @@ from pipeline.export import export_onnx
 from pipeline.inference import OnnxClassifier, evaluate_onnx, preferred_providers
 from pipeline.model import build_model, count_parameters
 from pipeline.report import EpochProgress, model_card, version_description
-from pipeline.tracking import (Tracker, flatten, git_commit, package_versions, process_alive, process_identity,
-                               promote)
+from pipeline.tracking import (Tracker, flatten, git_commit, package_versions, process_identity, promote,
+                               run_process_gone)
 from pipeline.train import FitResult, TrainingAborted, fit, resolve_device, to_pixels
 
 ROLE = "vitflow.role"
@@ -134,7 +134,7 @@ def start_study(study: Study) -> str:
     params.update({"data.train_images": len(study.data.train_labels), "data.test_images": len(study.data.test_labels),
                    "cv.candidates": len(study.candidates)})
     tags = {**study_tags(study, device), "study_key": study.key, "code_version": study.code_version,
-            "process": process_identity()}
+            "process": process_identity(), "heartbeat": str(int(time.time()))}  # beats on: tracking.Heartbeat
     crashed, running = find_crashed_study(study)
     if crashed is not None:
         tags["resumed_from"] = crashed
@@ -159,16 +159,15 @@ def start_study(study: Study) -> str:
 
 def find_crashed_study(study: Study) -> tuple[str | None, list[str]]:
     """The latest earlier run of this very study (same key) that did not finish and whose process is gone, if any;
-    and the same study's runs still RUNNING in a live process (a schedule and a manual run at once) or on another
-    machine (which cannot be checked from here): those are not taken over, their runs are not closed."""
+    and the same study's runs still RUNNING in a live process (a schedule and a manual run at once), or on another
+    machine with a recent heartbeat: those are not taken over, their runs are not closed."""
     runs = study.tracker.client.search_runs(
         [study.tracker.experiment_id],
         filter_string=f"tags.`{ROLE}` = 'study' and tags.study_key = '{study.key}' and attributes.status != 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=50)
     running = []
     for run in runs:
-        process = run.data.tags.get("process")
-        if run.info.status == "RUNNING" and process and process_alive(process) is not False:
+        if run.info.status == "RUNNING" and run.data.tags.get("process") and not run_process_gone(run.data.tags):
             running.append(run.info.run_id)
             continue
         return run.info.run_id, running
@@ -176,14 +175,13 @@ def find_crashed_study(study: Study) -> tuple[str | None, list[str]]:
 
 
 def find_abandoned_studies(study: Study, exclude: str | None = None) -> list[str]:
-    """Studies of any configuration in this experiment still RUNNING though the process that ran them on this
-    machine is gone (a SIGKILL, a reboot): closed by whichever study starts next, not only by a rerun of the same
-    one. Studies on other machines cannot be checked from here and are left alone."""
+    """Studies of any configuration in this experiment still RUNNING though the process that ran them is gone (a
+    SIGKILL, a reboot; on another machine: no heartbeat for HEARTBEAT_STALE_S): closed by whichever study starts
+    next, not only by a rerun of the same one."""
     runs = study.tracker.client.search_runs(
         [study.tracker.experiment_id],
         filter_string=f"tags.`{ROLE}` = 'study' and attributes.status = 'RUNNING'", max_results=1000)
-    return [run.info.run_id for run in runs if run.info.run_id != exclude and run.data.tags.get("process")
-            and process_alive(run.data.tags["process"]) is False]
+    return [run.info.run_id for run in runs if run.info.run_id != exclude and run_process_gone(run.data.tags)]
 
 
 def close_unpromoted_versions(study: Study, crashed_run_id: str, reason: str) -> list[str]:

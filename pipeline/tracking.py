@@ -122,6 +122,50 @@ def process_alive(identity: str) -> bool | None:
     return not (ticks and _start_ticks(pid_n) and ticks != _start_ticks(pid_n))
 
 
+HEARTBEAT_S = 60.0  # a running study tags its run with the time this often (Heartbeat)
+HEARTBEAT_STALE_S = 600.0  # a study on another machine whose last beat is older than this counts as dead
+
+
+class Heartbeat:
+    """Tags a run ``heartbeat=<unix time>`` every ``every`` seconds from a daemon thread until stopped. A study run
+    on another machine cannot be checked by its process; a heartbeat older than HEARTBEAT_STALE_S (ten beats
+    missed, far beyond clock skew) says its process is gone. A failed beat (a busy store) is skipped: the next one
+    tries again, and the study never fails for it."""
+
+    def __init__(self, tracker: Tracker, run_id: str, every: float = HEARTBEAT_S) -> None:
+        self.tracker, self.run_id, self.every = tracker, run_id, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="vitflow-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.tracker.set_tags(self.run_id, {"heartbeat": str(int(time.time()))})
+            except Exception:  # noqa: BLE001 - a missed beat is harmless
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def run_process_gone(tags: dict[str, str], now: float | None = None) -> bool:
+    """Whether the process that ran a study (its tags ``process`` and ``heartbeat``) is gone: on this machine, by
+    its process (PID, start time, boot); on another machine, by a heartbeat older than HEARTBEAT_STALE_S. A run
+    without a ``process`` tag, or from another machine without a heartbeat, cannot be judged: not gone."""
+    process = tags.get("process")
+    if not process:
+        return False
+    alive = process_alive(process)
+    if alive is not None:
+        return not alive
+    try:
+        return ((now or time.time()) - float(tags["heartbeat"])) > HEARTBEAT_STALE_S
+    except (KeyError, ValueError):
+        return False
+
+
 def package_versions() -> dict[str, str]:
     out = {}
     for name in ("torch", "torchvision", "prefect", "mlflow", "onnx", "onnxruntime-gpu", "onnxruntime",

@@ -198,3 +198,45 @@ def test_a_version_its_study_did_not_promote_is_marked_by_the_study_that_resumes
     assert client.get_model_version("m", decided.version).tags["decision"] == "champion"
     assert "decision" not in client.get_model_version("m", other.version).tags
     assert close_unpromoted_versions(study, "nobody", "study resumer took over") == []
+
+
+def test_a_study_on_another_machine_is_judged_by_its_heartbeat(tmp_path):
+    """A study RUNNING on another machine cannot be checked by its process: it beats (tag ``heartbeat``) while it
+    runs. With a recent beat it is left alone; ten beats missed, it is closed by the next study in the experiment
+    like one whose process died here. A run from another machine without a heartbeat (an older version's) is left
+    alone; this machine's runs are judged by their process."""
+    from types import SimpleNamespace
+
+    from pipeline.study import ROLE, find_abandoned_studies
+    from pipeline.tracking import HEARTBEAT_STALE_S, Heartbeat, Tracker, process_identity, run_process_gone
+
+    from ._consume import mlflow_store
+
+    with mlflow_store(tmp_path) as uri:
+        tracker = Tracker(uri, "heartbeat")
+        now = time.time()
+        elsewhere = "another-host:4242:123:boot-there"
+        runs = {name: tracker.start_run(name, tags={ROLE: "study", **tags}) for name, tags in {
+            "remote-beating": {"process": elsewhere, "heartbeat": str(int(now - 30))},
+            "remote-silent": {"process": elsewhere, "heartbeat": str(int(now - HEARTBEAT_STALE_S - 60))},
+            "remote-old-version": {"process": elsewhere},
+            "here-alive": {"process": process_identity()},
+            "here-dead": {"process": f"{process_identity().split(':')[0]}:999999999:1:x"},
+        }.items()}
+        study = SimpleNamespace(tracker=tracker)
+        assert sorted(find_abandoned_studies(study)) == sorted([runs["remote-silent"], runs["here-dead"]])
+        assert find_abandoned_studies(study, exclude=runs["here-dead"]) == [runs["remote-silent"]]
+
+        beat = Heartbeat(tracker, runs["remote-old-version"], every=0.05)
+        try:
+            deadline = time.time() + 30
+            while "heartbeat" not in tracker.client.get_run(runs["remote-old-version"]).data.tags:
+                assert time.time() < deadline, "no heartbeat written"
+                time.sleep(0.05)
+        finally:
+            beat.stop()
+        tags = tracker.client.get_run(runs["remote-old-version"]).data.tags
+        assert abs(float(tags["heartbeat"]) - time.time()) < 30
+        assert not run_process_gone(tags)
+        assert run_process_gone(tags, now=time.time() + HEARTBEAT_STALE_S + 60)
+        assert not beat._thread.is_alive()  # stopped: no thread left writing

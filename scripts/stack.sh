@@ -90,7 +90,10 @@ start() {
   port_free "$MLFLOW_PORT" || die "port $MLFLOW_PORT on $HOST is already in use; choose another with MLFLOW_PORT=..."
   trap 'echo "stack: start failed; stopping what was started" >&2; stop' EXIT  # no half-started stack
 
+  # Logs streamed out (off by default): `prefect deployment run --watch` then shows the flow run's log, and why
+  # it failed, not only its state changes.
   PREFECT_API_DATABASE_CONNECTION_URL="sqlite+aiosqlite:///$STACK_DIR/prefect.db" \
+    PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED=true PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED=true \
     launch prefect "$BIN/prefect" server start --host "$HOST" --port "$PREFECT_PORT"
   MLFLOW_HOST="$HOST" MLFLOW_BIN="$BIN/mlflow" VITFLOW_MLFLOW_DIR="$MLFLOW_DIR" \
     launch mlflow "$HOME_DIR/mlflow/server.sh"

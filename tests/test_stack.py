@@ -108,6 +108,17 @@ def test_scheduled_deployment_has_its_cron(stack):
     assert "0 3 * * 1" in result.stdout and "UTC" in result.stdout
 
 
+def test_a_failing_deployment_run_shows_why_when_watched(stack):
+    """`prefect deployment run --watch` streams the flow run's log (the stack's Prefect server streams logs out),
+    so a failure shows its reason, not only the state 'Failed'."""
+    env, _ = stack
+    failed = _prefect(dict(env, COLUMNS="300"), "deployment", "run", "vit-pipeline/seed-study", "--param",
+                      "config=no-such-preset", "--watch", "--watch-timeout", "300", timeout=360)
+    assert failed.returncode == 1 and "Flow run finished in state 'Failed'" in failed.stdout, failed.stdout[-3000:]
+    assert "unknown preset 'no-such-preset'; choose one of: cpu, seed, smoke, strong" in failed.stdout, \
+        failed.stdout[-3000:]
+
+
 def test_deployment_runs_tracked_and_promoted(stack, tmp_path, mnist):
     from mlflow.tracking import MlflowClient
 

@@ -34,8 +34,8 @@ def format_summary(s: dict[str, Any]) -> str:
     reg = s["registration"]
     t = s["timings"]
     port = os.environ.get("MLFLOW_PORT") or "5000"  # what `make ui` binds
-    ui = (f"make ui   (then open http://127.0.0.1:{port})" if s["tracking_uri"].startswith("sqlite")
-          else s["tracking_uri"])
+    ui = (f"make ui   (then open http://127.0.0.1:{port}; while `make serve` runs, its MLflow server is "
+          f"already there)" if s["tracking_uri"].startswith("sqlite") else s["tracking_uri"])
     return "\n".join([
         "",
         f"Study '{s['study']}' ({len(s['leaderboard'])} configurations x "

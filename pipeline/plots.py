@@ -30,7 +30,7 @@ def model_selection(rows: Sequence[dict], best_label: str) -> Figure:
     labels = [r["label"] for r in rows]
     x = np.arange(len(rows))
     width = 0.38
-    fig, ax = _subplots(figsize=(max(7.0, 1.6 * len(rows) + 2), 4.8), layout="constrained")
+    fig, ax = _subplots(figsize=(max(7.0, 1.6 * len(rows) + 2) + 3.0, 4.8), layout="constrained")
     for offset, key, name, color in ((-width / 2, "train", "training error, averaged over the last epoch's batches",
                                       "#7aa6c2"),
                                      (width / 2, "val", "validation error, after the last epoch", "#e08a3c")):
@@ -56,11 +56,11 @@ def model_selection(rows: Sequence[dict], best_label: str) -> Figure:
     ax.set_ylabel("misclassification error (%)")
     ax.set_title(f"Model selection: {len(folds[0]) if folds and folds[0] else 'k'}-fold cross-validated error\n"
                  f"per configuration (lower is better)")
-    ax.legend(loc="upper right", fontsize=9)
+    fig.legend(loc="outside right upper", fontsize=8)  # beside the axes: it never hides a bar
     ax.grid(axis="y", alpha=0.3)
     top = max(max(100 * (r[f"{k}_error_mean"] + r[f"{k}_error_std"]) for k in ("train", "val")) for r in rows)
     top = max([top] + [100 * v for f in folds for v in f])
-    ax.set_ylim(0, top * 1.35 + 0.5)
+    ax.set_ylim(0, top * 1.2 + 0.5)
     return fig
 
 

@@ -96,8 +96,10 @@ def known_limits(s: dict[str, Any]) -> list[str]:
     data = s["data"]
     limits = [
         "Trained and tested on MNIST only: centred, size-normalised 28x28 handwritten digits, white on black. "
-        "Photos, other scripts, inverted (dark-on-light) images or off-centre digits are out of distribution; "
-        "the test accuracy says nothing about them.",
+        "Photos, other scripts, inverted (dark-on-light) images or off-centre digits are out of distribution "
+        "for the model itself; the test accuracy says nothing about them. `vitflow predict` prepares image files "
+        "the way MNIST was made (ink made bright, digit size-normalised and centred by its centre of mass); a "
+        "caller feeding the model directly must do the same.",
         "The input must be float32 intensities in [0, 1], shape (N, 1, 28, 28); normalisation is inside the "
         "model. The output is logits; apply softmax for probabilities, which are not calibrated.",
         f"A deliberately tiny model ({s['parameters']:,} parameters, {epochs_trained(s)} "

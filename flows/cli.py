@@ -186,7 +186,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.data import DataError
 
     for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).addFilter(_NoTracebackFor(DataError, ConfigError))
+        run_logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTracebackFor) for f in run_logger.filters):  # main() may run more than once
+            run_logger.addFilter(_NoTracebackFor(DataError, ConfigError))
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         if booting is not None:

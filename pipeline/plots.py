@@ -12,6 +12,7 @@ import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 
 def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], layout: str = "constrained",
@@ -30,14 +31,15 @@ def model_selection(rows: Sequence[dict], best_label: str) -> Figure:
     labels = [r["label"] for r in rows]
     x = np.arange(len(rows))
     width = 0.38
+    handles = []
     fig, ax = _subplots(figsize=(max(7.0, 1.6 * len(rows) + 2) + 3.0, 4.8), layout="constrained")
     for offset, key, name, color in ((-width / 2, "train", "training error, averaged over the last epoch's batches",
                                       "#7aa6c2"),
                                      (width / 2, "val", "validation error, after the last epoch", "#e08a3c")):
         means = [100 * r[f"{key}_error_mean"] for r in rows]
         stds = [100 * r[f"{key}_error_std"] for r in rows]
-        bars = ax.bar(x + offset, means, width, yerr=stds, capsize=4, label=f"{name};\nmean ± std over folds",
-                      color=color)
+        bars = ax.bar(x + offset, means, width, yerr=stds, capsize=4, color=color)
+        handles.append(Patch(facecolor=color, label=f"{name};\nmean ± std over folds"))  # not the outlined bar
         for bar, label in zip(bars, labels):
             if label == best_label:
                 bar.set_edgecolor("black")
@@ -46,7 +48,7 @@ def model_selection(rows: Sequence[dict], best_label: str) -> Figure:
     if any(folds):
         fx = [x[i] + width / 2 for i, f in enumerate(folds) for _ in f]
         fy = [100 * v for f in folds for v in f]
-        ax.scatter(fx, fy, s=18, color="#5a2d0c", zorder=3, label="validation error of each fold")
+        handles.append(ax.scatter(fx, fy, s=18, color="#5a2d0c", zorder=3, label="validation error of each fold"))
     best = labels.index(best_label)
     tip = 100 * max([rows[best]["val_error_mean"] + rows[best]["val_error_std"], *folds[best]])
     ax.annotate("selected", (x[best] + width / 2, tip), xytext=(0, 22), textcoords="offset points", ha="center",
@@ -56,7 +58,7 @@ def model_selection(rows: Sequence[dict], best_label: str) -> Figure:
     ax.set_ylabel("misclassification error (%)")
     ax.set_title(f"Model selection: {len(folds[0]) if folds and folds[0] else 'k'}-fold cross-validated error\n"
                  f"per configuration (lower is better)")
-    fig.legend(loc="outside right upper", fontsize=8)  # beside the axes: it never hides a bar
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)  # beside the axes: it never hides a bar
     ax.grid(axis="y", alpha=0.3)
     top = max(max(100 * (r[f"{k}_error_mean"] + r[f"{k}_error_std"]) for k in ("train", "val")) for r in rows)
     top = max([top] + [100 * v for f in folds for v in f])

@@ -53,9 +53,10 @@ stop:
 status:
 	scripts/stack.sh status
 
+# --strict: a package pip-audit cannot audit (its vulnerability service unreachable) fails the audit.
 audit: install
 	$(BIN)/python -m pip install --quiet pip-audit
-	$(BIN)/pip-audit --progress-spinner off --skip-editable
+	$(BIN)/pip-audit --progress-spinner off --skip-editable --strict
 
 clean:
 	rm -rf models .pytest_cache

@@ -145,14 +145,12 @@ def start_study(study: Study) -> str:
         tags["closed_abandoned"] = ",".join(abandoned)[:5000]
     study.run_id = study.tracker.start_run(f"{study.cfg.name} study", tags=tags, params=params)
     study.tracker.set_tags(study.run_id, {"study_run_id": study.run_id})
-    if crashed is not None:
-        close_stale_runs(study, crashed, "the process running it died; closed by the resumed study")
-        close_unpromoted_versions(study, crashed, f"its study died before the champion/challenger decision; "
-                                                  f"study {study.run_id} took over")
-    for run_id in abandoned:
-        close_stale_runs(study, run_id, "the process running it died; closed by a later study in this experiment")
+    dead = ([(crashed, "the resumed study")] if crashed is not None else []) + [
+        (run_id, "a later study in this experiment") for run_id in abandoned]
+    for run_id, closer in dead:
+        close_stale_runs(study, run_id, f"the process running it died; closed by {closer}")
         close_unpromoted_versions(study, run_id, f"its study died before the champion/challenger decision; "
-                                                 f"closed by study {study.run_id}")
+                                                 f"closed by {closer}, study {study.run_id}")
     study.closed_abandoned = abandoned
     return study.run_id
 

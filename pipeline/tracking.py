@@ -111,7 +111,8 @@ def process_alive(identity: str) -> bool | None:
         return False
     if host != platform.node():
         return None
-    if boot and _boot_id() and boot != _boot_id():
+    boot_now = _boot_id()
+    if boot and boot_now and boot != boot_now:
         return False
     try:
         os.kill(pid_n, 0)
@@ -119,7 +120,8 @@ def process_alive(identity: str) -> bool | None:
         return False
     except PermissionError:
         pass  # it exists, under another user
-    return not (ticks and _start_ticks(pid_n) and ticks != _start_ticks(pid_n))
+    ticks_now = _start_ticks(pid_n)
+    return not (ticks and ticks_now and ticks != ticks_now)
 
 
 HEARTBEAT_S = 60.0  # a running study tags its run with the time this often (Heartbeat)

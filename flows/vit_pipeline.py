@@ -317,6 +317,7 @@ def vit_pipeline(config: str = "seed", overrides: list[str] | None = None, fresh
         summary["folds_reused"], summary["folds_trained"] = reused, len(results) - reused
         summary["fold_runner"] = where
         card = model_card(quote(study), summary)  # model_card.md on the final run, the version's description
+        logger.info("%s", report_lib.result_line(summary))
         heartbeat.stop()
         tracker.end_run(study.run_id)
     except BaseException as exc:

@@ -67,6 +67,16 @@ def key_numbers(s: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def result_line(s: dict[str, Any]) -> str:
+    """The study's outcome in one line, the flow's last log line before Prefect's own: what a deployment run's
+    ``prefect deployment run --watch``, the worker's terminal and the Prefect UI's log show of the result."""
+    n, reg = key_numbers(s), s["registration"]
+    return (f"result: {s['selected']} selected; test accuracy {n['test_accuracy']} (ONNX Runtime, {s['provider']}; "
+            f"PyTorch {n['torch_test_accuracy']}); {reg['model_uri']} -> @{reg['alias']} ({reg['reason']}); "
+            f"wall time {n['wall_time']}; model card: the study-summary artifact, and model_card.md on MLflow run "
+            f"{s['final_run_id']}")
+
+
 def epochs_trained(s: dict[str, Any]) -> int:
     """Epochs of the final training: those it trained (fewer than train.epochs under a time budget)."""
     return int(s.get("epochs_trained") or s["configuration"]["train"]["epochs"])

@@ -26,6 +26,14 @@ def test_cli_prints_summary(smoke_runs):
     assert "Wall time:" in out and "study run" in out
     assert "Throughput:      " in out and "images/s (CPUExecutionProvider, 500 images in batches of 1024)" in out
     assert "Model card:      model_card.md on final run" in out
+    # the outcome is also the flow log's last line: what a deployment run's log (the Prefect UI, --watch) shows of it
+    result = re.search(r"Flow run '[\w-]+' - result: (\S+) selected; test accuracy (\S+) \(ONNX Runtime, "
+                       r"CPUExecutionProvider; PyTorch \S+\); models:/vit-mnist-smoke/1 -> @champion \(no champion "
+                       r"yet\); wall time [\d.]+ s; model card: the study-summary artifact, and model_card.md "
+                       r"on MLflow run \w+", first.stderr)
+    assert result, first.stderr[-3000:]
+    assert f"{result[1]}  <- selected" in out
+    assert f"Test accuracy (ONNX Runtime, CPUExecutionProvider): {result[2]}" in out
     # the retraining's progress lines in the task's log (what the Prefect UI shows): its first and last epoch
     progress = re.findall(r"Task run 'retrain-best-\w+' - final (\S+): epoch (\d)/2, test_error (0\.\d{4}), "
                           r"train_loss \d+\.\d{4}, \d+\.\d s per epoch, (about .+ left|.+ in all)", first.stderr)

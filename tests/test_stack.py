@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -77,7 +78,8 @@ def _deployment_run(env, *params) -> subprocess.CompletedProcess:
     args = ["deployment", "run", "vit-pipeline/seed-study", "--param", "config=smoke"]
     for p in params:
         args += ["--param", p]
-    return _prefect(env, *args, "--watch", "--watch-timeout", "900", timeout=960)
+    # a wide terminal: --watch wraps the log lines to its width
+    return _prefect(dict(env, COLUMNS="300"), *args, "--watch", "--watch-timeout", "900", timeout=960)
 
 
 def test_port_in_use_is_a_clear_error(stack):
@@ -142,6 +144,9 @@ def test_deployment_runs_tracked_and_promoted(stack, tmp_path, mnist):
     assert {a.path for a in client.list_artifacts(final.info.run_id, "figures")}  # served by the MLflow server
     v1 = client.get_model_version_by_alias("vit-mnist-smoke", "champion")
     assert str(v1.version) == "1"
+    # --watch streams the flow's log, whose last line is the outcome (test accuracy, version, alias)
+    assert re.search(r"result: \S+ selected; test accuracy \d+\.\d\d% \(ONNX Runtime, CPUExecutionProvider; "
+                     r"PyTorch [\d.]+%\); models:/vit-mnist-smoke/1 -> @champion", first.stdout), first.stdout[-3000:]
 
     second = _deployment_run(env, 'overrides=["train.seed=1"]')
     assert second.returncode == 0 and "Completed" in second.stdout, second.stdout[-3000:] + second.stderr[-3000:]

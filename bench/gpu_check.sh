@@ -138,10 +138,13 @@ for run, name, status, start, end in runs:
     seconds = series(run, "epoch_seconds")
     if not errors:
         continue
+    train = series(run, "train_error")  # on the augmented images: is a levelled-off test error fit-limited?
     every = max(1, len(errors) // 10)  # the curve at about 10 points, the last epoch included
-    curve = " ".join(f"{i + 1}:{errors[i]:.4f}" for i in sorted({*range(every - 1, len(errors), every), len(errors) - 1}))
+    points = sorted({*range(every - 1, len(errors), every), len(errors) - 1})
+    curve = " ".join(f"{i + 1}:{errors[i]:.4f}" + (f"/{train[i]:.4f}" if i < len(train) else "") for i in points)
     print(f"  progress: {name} {status} at {(start - t0) / 1000:.0f} s: {len(errors)} epoch(s), best "
-          f"{min(errors):.4f}, {sum(seconds) / max(len(seconds), 1):.2f} s/epoch; error by epoch {curve}")
+          f"{min(errors):.4f}, {sum(seconds) / max(len(seconds), 1):.2f} s/epoch; error by epoch "
+          f"(evaluated/augmented training) {curve}")
 EOF
 }
 STUDY_RC=""; STUDY_WALL=""; STUDY_LOG=""

@@ -70,16 +70,16 @@ def stack(tmp_path_factory, data_root):
 
 
 def _prefect(env, *args, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(REPO / ".venv" / "bin" / "prefect"), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    """The prefect CLI in a wide terminal: its output (--watch's log lines too) wraps to the terminal's width."""
+    return subprocess.run([str(REPO / ".venv" / "bin" / "prefect"), *args], env=dict(env, COLUMNS="300"),
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 def _deployment_run(env, *params) -> subprocess.CompletedProcess:
     args = ["deployment", "run", "vit-pipeline/seed-study", "--param", "config=smoke"]
     for p in params:
         args += ["--param", p]
-    # a wide terminal: --watch wraps the log lines to its width
-    return _prefect(dict(env, COLUMNS="300"), *args, "--watch", "--watch-timeout", "900", timeout=960)
+    return _prefect(env, *args, "--watch", "--watch-timeout", "900", timeout=960)
 
 
 def test_port_in_use_is_a_clear_error(stack):
@@ -114,7 +114,7 @@ def test_a_failing_deployment_run_shows_why_when_watched(stack):
     """`prefect deployment run --watch` streams the flow run's log (the stack's Prefect server streams logs out),
     so a failure shows its reason, not only the state 'Failed'."""
     env, _ = stack
-    failed = _prefect(dict(env, COLUMNS="300"), "deployment", "run", "vit-pipeline/seed-study", "--param",
+    failed = _prefect(env, "deployment", "run", "vit-pipeline/seed-study", "--param",
                       "config=no-such-preset", "--watch", "--watch-timeout", "300", timeout=360)
     assert failed.returncode == 1 and "Flow run finished in state 'Failed'" in failed.stdout, failed.stdout[-3000:]
     assert "unknown preset 'no-such-preset'; choose one of: cpu, seed, smoke, strong" in failed.stdout, \

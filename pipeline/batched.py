@@ -129,7 +129,7 @@ def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
 def _conv_stem(stem: torch.nn.Sequential, params: dict[str, Tensor], x: Tensor) -> Tensor:
     """k conv stems at once: x (k, B, C, H, W) -> tokens (k, B, h * w, dim). The models' channels lie side by side,
     (B, k * C, H, W), and each convolution is one grouped convolution (groups=k): model i's channels through model
-    i's kernels only."""
+    i's kernels only. GELU and max-pooling act on each channel alone, so they run as they are."""
     k, b = x.shape[:2]
     x = x.transpose(0, 1).reshape(b, -1, *x.shape[-2:])
     for i, layer in enumerate(stem):
@@ -164,7 +164,7 @@ def stacked_forward(template: ViT, params: dict[str, Tensor], pixels: Tensor, *,
         return _layer_norm(x, params[f"{name}.weight"], params[f"{name}.bias"], module.eps)
 
     x = (pixels.flatten(0, 1) - template.pixel_mean) / template.pixel_std
-    if cfg.stem == "conv":
+    if cfg.stem != "patch":
         x = _conv_stem(template.stem, params, x.view(k, b, *x.shape[1:]))
     else:
         x = linear(patchify(x, cfg.patch_size).view(k, b, template.num_patches, -1), "patch_embed")

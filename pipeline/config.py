@@ -93,10 +93,11 @@ class ModelConfig(_Strict):
     input_mean: float = Field(0.5, description="pixels in [0, 1] are normalised as (x - input_mean) / input_std")
     input_std: float = Field(0.5, gt=0)
     attn_out_proj: bool = Field(False, description="output projection after the heads are concatenated")
-    stem: Literal["patch", "conv"] = Field("patch", description="how pixels become tokens: 'patch' embeds each "
-                                           "patch_size x patch_size patch linearly (ViT); 'conv' runs log2(patch_size) "
-                                           "3x3 stride-2 convolutions, then a 1x1 one to dim (ViT_C, Xiao et al. "
-                                           "2021): the same token grid, each token seeing its neighbours' pixels")
+    stem: Literal["patch", "conv", "conv-pool"] = Field(
+        "patch", description="how pixels become tokens: 'patch' embeds each patch_size x patch_size patch linearly "
+        "(ViT); 'conv' runs log2(patch_size) 3x3 stride-2 convolutions, then a 1x1 one to dim (ViT_C, Xiao et al. "
+        "2021): the same token grid, each token seeing its neighbours' pixels; 'conv-pool' runs each as a 3x3 "
+        "stride-1 convolution and a 3x3 stride-2 max-pool (compact convolutional transformers, Hassani et al. 2021)")
     stem_channels: int = Field(32, gt=0, description="conv stem: channels of its first convolution, doubling in "
                                                      "each further one")
 
@@ -104,9 +105,10 @@ class ModelConfig(_Strict):
     def _divisibility(self) -> "ModelConfig":
         if self.image_size % self.patch_size:
             raise ValueError(f"model.patch_size={self.patch_size} must divide model.image_size={self.image_size}")
-        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
-            raise ValueError(f"model.stem=conv reaches the token grid with stride-2 convolutions, so model.patch_size "
-                             f"must be a power of 2 (2, 4, ...); got {self.patch_size}: use model.stem=patch for it")
+        if self.stem != "patch" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"model.stem={self.stem} halves the image until it reaches the token grid, so "
+                             f"model.patch_size must be a power of 2 (2, 4, ...); got {self.patch_size}: use "
+                             f"model.stem=patch for it")
         if self.dim % self.heads:
             raise ValueError(f"model.heads={self.heads} must divide model.dim={self.dim}")
         return self

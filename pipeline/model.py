@@ -33,14 +33,22 @@ def patchify(images: Tensor, patch_size: int) -> Tensor:
 
 
 def conv_stem(cfg: ModelConfig) -> nn.Sequential:
-    """The conv stem (``model.stem: conv``): log2(patch_size) 3x3 stride-2 convolutions with GELU, stem_channels
-    doubling each time, then a 1x1 convolution to ``dim``: (B, C, H, W) -> (B, dim, H/p, W/p), the grid ``patchify``
-    makes, so the tokens, positions and everything after them are those of the patch stem."""
+    """The convolutional stems, log2(patch_size) halvings of the image, stem_channels doubling each time, then a 1x1
+    convolution to ``dim``: (B, C, H, W) -> (B, dim, H/p, W/p), the grid ``patchify`` makes, so the tokens, positions
+    and everything after them are those of the patch stem.
+
+    - ``model.stem: conv``: each halving is a 3x3 stride-2 convolution with GELU (ViT_C, Xiao et al. 2021).
+    - ``model.stem: conv-pool``: each is a 3x3 stride-1 convolution with GELU, then a 3x3 stride-2 max-pool (the
+      tokenizer of compact convolutional transformers, Hassani et al. 2021): the same weights, each convolution at
+      4x the positions."""
     layers: list[nn.Module] = []
     channels = cfg.channels
     for i in range(cfg.patch_size.bit_length() - 1):
         out = cfg.stem_channels * 2**i
-        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GELU()]
+        if cfg.stem == "conv-pool":
+            layers += [nn.Conv2d(channels, out, 3, stride=1, padding=1), nn.GELU(), nn.MaxPool2d(3, 2, padding=1)]
+        else:
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GELU()]
         channels = out
     return nn.Sequential(*layers, nn.Conv2d(channels, cfg.dim, 1))
 
@@ -104,7 +112,7 @@ class ViT(nn.Module):
         patch_dim = cfg.channels * cfg.patch_size**2
         self.register_buffer("pixel_mean", torch.tensor(cfg.input_mean), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.input_std), persistent=False)
-        if cfg.stem == "conv":
+        if cfg.stem != "patch":
             self.stem = conv_stem(cfg)
         else:
             self.patch_embed = nn.Linear(patch_dim, cfg.dim)
@@ -123,7 +131,7 @@ class ViT(nn.Module):
     def tokens(self, pixels: Tensor) -> Tensor:
         """Patch embeddings with the class token prepended and positions added: (B, 1 + patches, dim)."""
         x = (pixels - self.pixel_mean) / self.pixel_std
-        if self.cfg.stem == "conv":
+        if self.cfg.stem != "patch":
             x = self.stem(x).flatten(2).transpose(1, 2)  # (B, dim, h, w) -> (B, h * w, dim), row-major as patchify
         else:
             x = self.patch_embed(patchify(x, self.cfg.patch_size))

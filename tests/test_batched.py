@@ -62,7 +62,8 @@ def assert_same_training(expected, got, x, folds):
     ModelConfig(dim=12, heads=3, depth=1, mlp_hidden=8, patch_size=7, pos_base=100, input_mean=0.1307,
                 input_std=0.3081),
     ModelConfig(dim=16, heads=2, depth=1, mlp_hidden=16, stem="conv", stem_channels=4, pos_embedding="learned"),
-], ids=["seed-like", "out-proj-learned-positions", "patch-7", "conv-stem"])
+    ModelConfig(dim=16, heads=2, depth=1, mlp_hidden=16, stem="conv-pool", stem_channels=4),
+], ids=["seed-like", "out-proj-learned-positions", "patch-7", "conv-stem", "conv-pool-stem"])
 def test_stacked_forward_is_each_models_forward(cfg, mnist):
     """The batched-weights forward of k models equals ViT.forward with each model's own weights, and so do the
     gradients it gives each model's weights."""
@@ -93,11 +94,12 @@ def test_batched_folds_equal_sequential_fits(subset):
     assert all(type(r.model).__name__ == "ViT" and not r.model.training for r in got)
 
 
-def test_conv_stem_folds_batched_equal_sequential_fits(subset):
-    """The conv stem's grouped convolutions (one per layer for all k folds) train each fold as fit trains it, eagerly
+@pytest.mark.parametrize("stem", ["conv", "conv-pool"])
+def test_conv_stem_folds_batched_equal_sequential_fits(subset, stem):
+    """The conv stems' grouped convolutions (one per layer for all k folds) train each fold as fit trains it, eagerly
     and on the CUDA-graph path rehearsed on the CPU (the strong preset's CV and retraining on a GPU)."""
     x, y, folds = subset
-    model = MODEL.model_copy(update={"stem": "conv", "stem_channels": 4})
+    model = MODEL.model_copy(update={"stem": stem, "stem_channels": 4})
     cfg = TrainConfig(epochs=1, batch_size=128, device="cpu", optimizer="adamw", weight_decay=0.05, grad_clip=1.0)
     expected = sequential(cfg, x, y, folds, model)
     assert_same_training(expected, fit_folds(model, cfg, x, y, folds, SEEDS, progress=False), x, folds)

@@ -82,11 +82,12 @@ def test_switches_keep_their_booleans():
     assert cfg.train.cuda_graph == "off"
 
 
-def test_a_conv_stem_needs_a_power_of_2_patch_size():
-    assert load_config("seed", ["model.stem=conv"]).model.stem == "conv"
-    with pytest.raises(ConfigError, match=r"model.stem=conv .* model.patch_size must be a power of 2 \(2, 4, \.\.\.\); "
-                                          r"got 7: use model.stem=patch for it"):
-        load_config("seed", ["model.stem=conv", "model.patch_size=7"])
+@pytest.mark.parametrize("stem", ["conv", "conv-pool"])
+def test_a_conv_stem_needs_a_power_of_2_patch_size(stem):
+    assert load_config("seed", [f"model.stem={stem}"]).model.stem == stem
+    with pytest.raises(ConfigError, match=rf"model.stem={stem} halves .* model.patch_size must be a power of 2 "
+                                          r"\(2, 4, \.\.\.\); got 7: use model.stem=patch for it"):
+        load_config("seed", [f"model.stem={stem}", "model.patch_size=7"])
 
 
 def test_unknown_preset_and_bad_override_syntax():

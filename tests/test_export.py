@@ -60,16 +60,19 @@ def test_a_killed_exports_temporary_file_is_removed_by_the_next_export(trained, 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([young.name, other.name, "vit.onnx"])
 
 
-def test_conv_stem_exports_with_parity_and_quantizes(mnist, tmp_path):
-    """model.stem=conv: the stem's convolutions are ONNX Conv nodes; parity holds and the int8 file loads."""
+@pytest.mark.parametrize("stem, pools", [("conv", 0), ("conv-pool", 2)])
+def test_conv_stem_exports_with_parity_and_quantizes(mnist, tmp_path, stem, pools):
+    """model.stem=conv / conv-pool: the stem's convolutions (and max-pools) are ONNX Conv (MaxPool) nodes; parity
+    holds and the int8 file loads."""
     from pipeline.model import build_model
     from pipeline.quantize import quantize_int8
 
-    model = build_model(ModelConfig(dim=16, depth=1, stem="conv", stem_channels=8), seed=0).eval()
+    model = build_model(ModelConfig(dim=16, depth=1, stem=stem, stem_channels=8), seed=0).eval()
     path = tmp_path / "conv.onnx"
     figures = export_onnx(model, path, to_pixels(mnist.test_images[:64]))
     assert figures["parity_max_abs_diff"] <= 1e-4
-    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("Conv") == 3
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert (ops.count("Conv"), ops.count("MaxPool")) == (3, pools)
     pixels = to_pixels(mnist.test_images[:32])
     with torch.inference_mode():
         expected = model(pixels).numpy()

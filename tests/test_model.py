@@ -108,3 +108,26 @@ def test_conv_stem_tokens_sit_on_the_patch_grid():
         rows, cols = torch.nonzero(changed, as_tuple=True)
         assert ((rows - i).abs() <= 1).all() and ((cols - j).abs() <= 1).all()
     assert model(images).shape == (1, 10)
+
+
+def test_conv_pool_stem_has_the_conv_stems_weights_and_grid():
+    """model.stem=conv-pool: the conv stem's weights, each 3x3 convolution at stride 1 followed by a 3x3 stride-2
+    max-pool, giving the same 7x7 token grid: pixels in patch (i, j) move token (i, j) and no token more than two cells
+    away (token t of a row sees pixels 4t-6 to 4t+6, a 13x13 receptive field)."""
+    cfg = ModelConfig(dim=16, heads=2, depth=1, mlp_hidden=16, stem="conv-pool")
+    model = build_model(cfg, seed=0).eval()
+    conv = build_model(cfg.model_copy(update={"stem": "conv"}), seed=0)
+    assert [p.shape for p in model.parameters()] == [p.shape for p in conv.parameters()]
+    layers = [type(m).__name__ for m in model.stem]
+    assert layers == ["Conv2d", "GELU", "MaxPool2d", "Conv2d", "GELU", "MaxPool2d", "Conv2d"]
+    assert all(m.stride == (1, 1) for m in model.stem if isinstance(m, torch.nn.Conv2d))
+    images = torch.rand(1, 1, 28, 28)
+    before = model.tokens(images)
+    assert before.shape == (1, 50, 16)
+    for i, j in [(0, 0), (3, 5), (6, 2)]:
+        moved = images.clone()
+        moved[0, 0, 4 * i + 1:4 * i + 3, 4 * j + 1:4 * j + 3] += 1.0
+        changed = (model.tokens(moved) - before).abs().amax(-1)[0, 1:].view(7, 7) > 1e-6
+        assert changed[i, j]
+        rows, cols = torch.nonzero(changed, as_tuple=True)
+        assert ((rows - i).abs() <= 2).all() and ((cols - j).abs() <= 2).all()

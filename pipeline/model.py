@@ -41,14 +41,13 @@ def conv_stem(cfg: ModelConfig) -> nn.Sequential:
     - ``model.stem: conv-pool``: each is a 3x3 stride-1 convolution with GELU, then a 3x3 stride-2 max-pool (the
       tokenizer of compact convolutional transformers, Hassani et al. 2021): the same weights, each convolution at
       4x the positions."""
+    pool = cfg.stem == "conv-pool"
     layers: list[nn.Module] = []
     channels = cfg.channels
     for i in range(cfg.patch_size.bit_length() - 1):
         out = cfg.stem_channels * 2**i
-        if cfg.stem == "conv-pool":
-            layers += [nn.Conv2d(channels, out, 3, stride=1, padding=1), nn.GELU(), nn.MaxPool2d(3, 2, padding=1)]
-        else:
-            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GELU()]
+        layers += [nn.Conv2d(channels, out, 3, stride=1 if pool else 2, padding=1), nn.GELU()]
+        layers += [nn.MaxPool2d(3, 2, padding=1)] if pool else []
         channels = out
     return nn.Sequential(*layers, nn.Conv2d(channels, cfg.dim, 1))
 

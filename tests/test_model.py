@@ -88,6 +88,20 @@ def test_seeded_build_is_reproducible():
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def assert_patch_reaches_nearby_tokens(model, images, corner, size, reach):
+    """Raising a size x size square of pixels at ``corner`` (row, col) inside 4x4 patch (i, j) moves token (i, j) of
+    the 7x7 grid and no token more than ``reach`` cells away."""
+    before = model.tokens(images)
+    r, c = corner
+    for i, j in [(0, 0), (3, 5), (6, 2)]:
+        moved = images.clone()
+        moved[0, 0, 4 * i + r:4 * i + r + size, 4 * j + c:4 * j + c + size] += 1.0
+        changed = (model.tokens(moved) - before).abs().amax(-1)[0, 1:].view(7, 7) > 1e-6
+        assert changed[i, j]
+        rows, cols = torch.nonzero(changed, as_tuple=True)
+        assert ((rows - i).abs() <= reach).all() and ((cols - j).abs() <= reach).all()
+
+
 def test_conv_stem_tokens_sit_on_the_patch_grid():
     """model.stem=conv: log2(4) = 2 stride-2 3x3 convolutions (1 -> 32 -> 64 channels) and a 1x1 one to dim give
     the 7x7 grid of 4x4 patches, row-major as patchify orders it: a pixel in patch (i, j) moves token (i, j) and
@@ -99,14 +113,7 @@ def test_conv_stem_tokens_sit_on_the_patch_grid():
     patch_model = build_model(cfg.model_copy(update={"stem": "patch"}), seed=0)
     assert count_parameters(model) - count_parameters(patch_model) == stem_params - (16 * 16 + 16)
     images = torch.rand(1, 1, 28, 28)
-    before = model.tokens(images)
-    for i, j in [(0, 0), (3, 5), (6, 2)]:
-        moved = images.clone()
-        moved[0, 0, 4 * i + 1, 4 * j + 2] += 1.0
-        changed = (model.tokens(moved) - before).abs().amax(-1)[0, 1:].view(7, 7) > 1e-6
-        assert changed[i, j]
-        rows, cols = torch.nonzero(changed, as_tuple=True)
-        assert ((rows - i).abs() <= 1).all() and ((cols - j).abs() <= 1).all()
+    assert_patch_reaches_nearby_tokens(model, images, (1, 2), size=1, reach=1)
     assert model(images).shape == (1, 10)
 
 
@@ -122,12 +129,5 @@ def test_conv_pool_stem_has_the_conv_stems_weights_and_grid():
     assert layers == ["Conv2d", "GELU", "MaxPool2d", "Conv2d", "GELU", "MaxPool2d", "Conv2d"]
     assert all(m.stride == (1, 1) for m in model.stem if isinstance(m, torch.nn.Conv2d))
     images = torch.rand(1, 1, 28, 28)
-    before = model.tokens(images)
-    assert before.shape == (1, 50, 16)
-    for i, j in [(0, 0), (3, 5), (6, 2)]:
-        moved = images.clone()
-        moved[0, 0, 4 * i + 1:4 * i + 3, 4 * j + 1:4 * j + 3] += 1.0
-        changed = (model.tokens(moved) - before).abs().amax(-1)[0, 1:].view(7, 7) > 1e-6
-        assert changed[i, j]
-        rows, cols = torch.nonzero(changed, as_tuple=True)
-        assert ((rows - i).abs() <= 2).all() and ((cols - j).abs() <= 2).all()
+    assert model.tokens(images).shape == (1, 50, 16)
+    assert_patch_reaches_nearby_tokens(model, images, (1, 1), size=2, reach=2)

@@ -5,8 +5,10 @@ study: no cross-validation, no tracking, no export.
     .venv/bin/python bench/recipe_probe.py --config strong --epochs 10 --set train.warmup_epochs=1
     .venv/bin/python bench/recipe_probe.py --config strong --epochs 10 --set train.warmup_epochs=1 --set model.stem=conv
 
-Prints a line per epoch as it goes (test and augmented-train error, seconds) and a markdown table at the end. The
-data root is the project's setting ($VITFLOW_DATA_DIR, else the preset's data.root).
+Prints a line per epoch as it goes (test and augmented-train error, seconds), then where the run levelled off (the
+mean test error over its last epochs, and the range as counts of test errors) and a markdown table: every epoch, or
+every ``--every`` epochs and the last. The data root is the project's setting ($VITFLOW_DATA_DIR, else the preset's
+data.root).
 """
 
 from __future__ import annotations
@@ -29,13 +31,42 @@ from pipeline.model import build_model, count_parameters  # noqa: E402
 from pipeline.train import configure_threads, fit  # noqa: E402
 
 
+def checkpoints(epochs: int, every: int) -> list[int]:
+    """The 1-based epochs a table shows: every ``every``-th, and the last."""
+    return sorted(set(range(every, epochs + 1, every)) | {epochs})
+
+
+def levelled_off(history: list[dict[str, float]], test_images: int, last: int) -> str:
+    """Where a run ended up, less noisy than its last epoch: the mean test error of its last ``last`` epochs, and their
+    range in test errors."""
+    tail = [m["test_error"] for m in history[-last:]]
+    errors = [round(e * test_images) for e in tail]
+    return (f"last {len(tail)} epochs: mean test error {100 * sum(tail) / len(tail):.2f}%, "
+            f"{min(errors)}-{max(errors)} test errors of {test_images:,}")
+
+
+def table(history: list[dict[str, float]], every: int) -> str:
+    shown = checkpoints(len(history), every)
+    rows = ["| epoch | " + " | ".join(map(str, shown)) + " |", "|---|" + "---|" * len(shown),
+            "| test error | " + " | ".join(f"{100 * history[e - 1]['test_error']:.2f}%" for e in shown) + " |",
+            "| train error (augmented) | "
+            + " | ".join(f"{100 * history[e - 1]['train_error']:.1f}%" for e in shown) + " |"]
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="strong", help="preset name or YAML path (default: strong)")
     parser.add_argument("--epochs", type=int, help="train.epochs (the cosine schedule is fitted to them)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: every core)")
+    parser.add_argument("--every", type=int, help="table columns every N epochs, and the last (default: every epoch "
+                                                  "up to 20 epochs, else every 5)")
+    parser.add_argument("--last", type=int, default=10, help="epochs the levelled-off mean is taken over (default 10)")
     args = parser.parse_args(argv)
+    for flag in ("every", "last"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
     overrides = list(args.set) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
     try:
         cfg = load_config(args.config, overrides)
@@ -58,11 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                  {"test": (data.test_images, data.test_labels)}, callback=report, progress=False)
     history = result.history
     print(f"\n{len(history)} epochs in {result.seconds:.0f} s on {result.device}; final test accuracy "
-          f"{100 * (1 - history[-1]['test_error']):.2f}%\n")
-    print("| epoch | " + " | ".join(str(i + 1) for i in range(len(history))) + " |")
-    print("|---|" + "---|" * len(history))
-    print("| test error | " + " | ".join(f"{100 * m['test_error']:.2f}%" for m in history) + " |")
-    print("| train error (augmented) | " + " | ".join(f"{100 * m['train_error']:.1f}%" for m in history) + " |")
+          f"{100 * (1 - history[-1]['test_error']):.2f}%; {levelled_off(history, len(data.test_labels), args.last)}\n")
+    every = args.every or (1 if len(history) <= 20 else 5)
+    print(table(history, every))
     return 0
 
 

@@ -6,9 +6,9 @@ study: no cross-validation, no tracking, no export.
     .venv/bin/python bench/recipe_probe.py --config strong --epochs 10 --set train.warmup_epochs=1 --set model.stem=conv
 
 Prints a line per epoch as it goes (test and augmented-train error, seconds), then where the run levelled off (the
-mean test error over its last epochs, and the range as counts of test errors) and a markdown table: every epoch, or
-every ``--every`` epochs and the last. The data root is the project's setting ($VITFLOW_DATA_DIR, else the preset's
-data.root).
+mean test error over its last epochs, and the range as counts of test errors) and a markdown table: every epoch up to
+20 epochs, else every 5th and the last (``--every`` sets the step). The data root is the project's setting
+($VITFLOW_DATA_DIR, else the preset's data.root).
 """
 
 from __future__ import annotations

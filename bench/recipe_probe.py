@@ -5,7 +5,8 @@ study: no cross-validation, no tracking, no export.
     .venv/bin/python bench/recipe_probe.py --config strong --epochs 10 --set train.warmup_epochs=1
     .venv/bin/python bench/recipe_probe.py --config strong --epochs 10 --set train.warmup_epochs=1 --set model.stem=conv
 
-Prints a line per epoch as it goes (test and augmented-train error, seconds), then where the run levelled off (the
+Prints a line per epoch as it goes (test and augmented-train error, seconds; with train.ema_decay the test error is
+the weight average's and the trained weights' own follows in parentheses), then where the run levelled off (the
 mean test error over its last epochs, and the range as counts of test errors) and a markdown table: every epoch up to
 20 epochs, else every 5th and the last (``--every`` sets the step). The data root is the project's setting
 ($VITFLOW_DATA_DIR, else the preset's data.root).
@@ -36,10 +37,10 @@ def checkpoints(epochs: int, every: int) -> list[int]:
     return sorted(set(range(every, epochs + 1, every)) | {epochs})
 
 
-def levelled_off(history: list[dict[str, float]], test_images: int, last: int) -> str:
-    """Where a run ended up, less noisy than its last epoch: the mean test error of its last ``last`` epochs, and their
-    range in test errors."""
-    tail = [m["test_error"] for m in history[-last:]]
+def levelled_off(history: list[dict[str, float]], test_images: int, last: int, key: str = "test_error") -> str:
+    """Where a run ended up, less noisy than its last epoch: the mean test error (``key``) of its last ``last`` epochs,
+    and their range in test errors."""
+    tail = [m[key] for m in history[-last:]]
     errors = [round(e * test_images) for e in tail]
     return (f"last {len(tail)} epochs: mean test error {100 * sum(tail) / len(tail):.2f}%, "
             f"{min(errors)}-{max(errors)} test errors of {test_images:,}")
@@ -51,6 +52,9 @@ def table(history: list[dict[str, float]], every: int) -> str:
             "| test error | " + " | ".join(f"{100 * history[e - 1]['test_error']:.2f}%" for e in shown) + " |",
             "| train error (augmented) | "
             + " | ".join(f"{100 * history[e - 1]['train_error']:.1f}%" for e in shown) + " |"]
+    if "test_error_raw" in history[-1]:  # train.ema_decay: the test error above is the average's
+        rows.insert(3, "| test error, trained weights (no average) | "
+                    + " | ".join(f"{100 * history[e - 1]['test_error_raw']:.2f}%" for e in shown) + " |")
     return "\n".join(rows)
 
 
@@ -81,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
 
     def report(epoch: int, m: dict[str, float]) -> None:
-        print(f"epoch {epoch:3d}  test error {m['test_error']:.4f}  train error {m['train_error']:.4f}  "
+        raw = f" (trained weights {m['test_error_raw']:.4f})" if "test_error_raw" in m else ""
+        print(f"epoch {epoch:3d}  test error {m['test_error']:.4f}{raw}  train error {m['train_error']:.4f}  "
               f"lr {m['lr']:.2e}  {m['epoch_seconds']:.0f} s  ({time.perf_counter() - start:.0f} s in all)",
               flush=True)
 
@@ -89,7 +94,12 @@ def main(argv: list[str] | None = None) -> int:
                  {"test": (data.test_images, data.test_labels)}, callback=report, progress=False)
     history = result.history
     print(f"\n{len(history)} epochs in {result.seconds:.0f} s on {result.device}; final test accuracy "
-          f"{100 * (1 - history[-1]['test_error']):.2f}%; {levelled_off(history, len(data.test_labels), args.last)}\n")
+          f"{100 * (1 - history[-1]['test_error']):.2f}%; {levelled_off(history, len(data.test_labels), args.last)}")
+    if "test_error_raw" in history[-1]:
+        print(f"without the weight average (train.ema_decay): final test accuracy "
+              f"{100 * (1 - history[-1]['test_error_raw']):.2f}%; "
+              f"{levelled_off(history, len(data.test_labels), args.last, 'test_error_raw')}")
+    print()
     every = args.every or (1 if len(history) <= 20 else 5)
     print(table(history, every))
     return 0

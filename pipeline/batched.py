@@ -23,7 +23,10 @@ rounding (tests/test_batched.py):
 - gradient clipping by each fold's own global norm; label smoothing; bf16 autocast on CUDA;
 - validation of all k folds in one stacked forward pass per chunk of ``eval_batch_size`` images (each fold's set
   padded to the longest, the padding masked out): the loss and error fit's ``evaluate`` reports, to float rounding.
-  Each fold's ViT in the result holds its row of the stacked weights.
+  Each fold's ViT in the result holds its row of the stacked weights;
+- ``train.ema_decay``: the weights' moving average is one more ``(k, P)`` tensor, lerped towards the weights in the
+  step (its per-fold weights in the step table: a fold sitting out leaves its average too); it is what is evaluated
+  and returned, as fit's ``AveragedModel``, and the trained weights' figures come as ``<name>_loss_raw/_error_raw``.
 
 ``train.compile`` is not applied here. On CUDA (``train.cuda_graph=auto``, no dropout) the whole step is captured
 once as a CUDA graph and replayed for every step: augmentation, forward, backward and the Adam update.
@@ -59,7 +62,7 @@ from pipeline.augment import augment
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.model import ViT, build_model, patchify
 from pipeline.train import (EpochPlan, FitResult, PlanCallback, TrainingAborted, TrainingDiverged, lr_factor,
-                            resolve_device, to_pixels)
+                            ema_weight, resolve_device, to_pixels)
 
 FoldCallback = Callable[[int, int, dict[str, float]], None]
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, which fit uses
@@ -78,6 +81,8 @@ class _StepTable:
     w1: Tensor             # exp_avg.lerp_(grad, w1): 1 - beta1, or 0 when sitting out
     b2: Tensor             # exp_avg_sq * b2 + w2 * grad^2: beta2 and 1 - beta2, or 1 and 0 when sitting out
     w2: Tensor
+    ema_w: Tensor          # train.ema_decay: ema.lerp_(weights, ema_w): pipeline.train.ema_weight after the fold's
+                           # earlier steps (1 at its first: a copy), or 0 when sitting out
 
     def row(self, step: Tensor) -> _StepTable:
         """The constants of the step that the device counter ``step`` (shape (1,)) names, each (k, 1): read on the
@@ -104,6 +109,7 @@ def _step_table(cfg: TrainConfig, steps: list[int], device: torch.device) -> _St
                 cols["w1"].append(1 - BETA1 if active else 0.0)
                 cols["b2"].append(BETA2 if active else 1.0)
                 cols["w2"].append(1 - BETA2 if active else 0.0)
+                cols["ema_w"].append(ema_weight(cfg.ema_decay, done) if active and cfg.ema_decay else 0.0)
             for name, values in cols.items():
                 rows[name].append(values)
     return _StepTable(**{name: torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(-1)
@@ -431,6 +437,7 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
         for p, piece, shape in zip(model.parameters(), row.split(numels), shapes):
             p.data = piece.view(shape)
     exp_avg, exp_avg_sq = torch.zeros_like(weights), torch.zeros_like(weights)
+    ema = weights.detach().clone() if train_cfg.ema_decay else None  # (k, P): the weights' moving average
     table = _step_table(train_cfg, steps, device)
 
     def by_name(stacked: Tensor) -> dict[str, Tensor]:
@@ -477,8 +484,11 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
         loss = per_sample.masked_fill(~mask, 0.0).sum(1) / n_real.clamp(min=1)  # each fold's mean loss
         weights.grad = None
         loss.sum().backward()
-        _adam_step(weights, exp_avg, exp_avg_sq, train_cfg, table.row(counter))
+        row = table.row(counter)
+        _adam_step(weights, exp_avg, exp_avg_sq, train_cfg, row)
         with torch.no_grad():
+            if ema is not None:
+                ema.lerp_(weights, row.ema_w)
             loss_sum.add_(loss.detach() * n_real)
             wrong.add_(((logits.detach().argmax(-1) != y) & mask).sum(1))
             counter.add_(1)
@@ -489,7 +499,8 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
         """The step runner, after its warm-up steps (on CUDA always; there they also probe the fused kernels).
         If a warm-up step fails, once more with attention written out, the arithmetic of SDPA's math path."""
         nonlocal explicit
-        args = (step, [weights, exp_avg, exp_avg_sq, counter, loss_sum, wrong], augmenters or [], device,
+        state = [weights, exp_avg, exp_avg_sq, counter, loss_sum, wrong] + ([ema] if ema is not None else [])
+        args = (step, state, augmenters or [], device,
                 graph or device.type == "cuda", graph and device.type == "cuda", desc)
         try:
             return _StepRunner(*args)
@@ -534,9 +545,12 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
                                                 f"(train.lr={train_cfg.lr}); lower the learning rate")
                     diverged.fold = f
                     raise diverged
-            current = by_name(weights.detach())
+            current = by_name(weights.detach() if ema is None else ema)
             evaluated = {name: _evaluate_stacked(template, current, *stacked, train_cfg.eval_batch_size)
                          for name, stacked in stacked_evals.items()}
+            raw = {} if ema is None else {  # the trained weights' own figures, beside their average's
+                name: _evaluate_stacked(template, by_name(weights.detach()), *stacked, train_cfg.eval_batch_size)
+                for name, stacked in stacked_evals.items()}
             planned = plan.replan(epoch, time.perf_counter() - start)
             if planned is not None:  # in place: a captured graph keeps reading these tensors
                 new = _step_table(planned, steps, device)
@@ -551,6 +565,8 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
                            "lr": train_cfg.lr * lr_factor(plan.cfg, steps[f])(epoch * steps[f])}
                 for name, (losses, errors) in evaluated.items():
                     metrics[f"{name}_loss"], metrics[f"{name}_error"] = losses[f], errors[f]
+                    if name in raw:
+                        metrics[f"{name}_loss_raw"], metrics[f"{name}_error_raw"] = raw[name][0][f], raw[name][1][f]
                 epoch_metrics.append(metrics)
             seconds = time.perf_counter() - epoch_start
             for f, metrics in enumerate(epoch_metrics):
@@ -562,6 +578,10 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
                                                 if key.endswith("_error") and key != "train_error")})
     finally:
         bar.close()
+    if ema is not None:  # the models delivered are the averages
+        for model, row in zip(models, ema):
+            for p, piece, shape in zip(model.parameters(), row.split(numels), shapes):
+                p.data = piece.view(shape)
     return models, histories, time.perf_counter() - start
 
 

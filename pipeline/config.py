@@ -165,6 +165,12 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on CUDA (CPU stays fp32)")
     compile: Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "off", description="torch.compile mode for the training step's model; off: eager")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep an exponential moving average of the weights, updated after every "
+                                      "optimizer step with this decay (e.g. 0.9995; less in the first updates: "
+                                      "min(decay, (1 + n) / (10 + n)) after n): it is what is evaluated, exported and "
+                                      "registered; the trained weights' own figures are reported as "
+                                      "<set>_loss_raw/<set>_error_raw. None: no average")
     cuda_graph: Literal["auto", "off"] = Field(
         "auto", description="auto: on CUDA, capture the whole training step (augmentation, forward, backward, "
                             "optimizer) once as a CUDA graph and replay it, when compile is off and there is no dropout")

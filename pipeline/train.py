@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from pipeline.augment import augment
@@ -82,6 +83,24 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
     loss = F.cross_entropy(logits, labels).item()
     error = (logits.argmax(1) != labels).float().mean().item()
     return loss, error
+
+
+def ema_weight(decay: float, updates: int) -> float:
+    """The weight of the current weights in the moving average's update after ``updates`` earlier ones: 1 for the first
+    (a copy), then 1 - min(decay, (1 + n) / (10 + n)), the warm-up of TensorFlow's ExponentialMovingAverage (with
+    num_updates) that timm's ModelEma uses too. Early on, the average follows the weights closely instead of holding
+    on to the first epochs' weights; the decay reaches ``decay`` after (10 * decay - 1) / (1 - decay) updates."""
+    return 1.0 if updates == 0 else 1 - min(decay, (1 + updates) / (10 + updates))
+
+
+def _ema_update(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
+    """AveragedModel's ``multi_avg_fn`` with ``ema_weight``'s warm-up (AveragedModel copies the first update itself)."""
+
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], updates: Tensor) -> None:
+        torch._foreach_lerp_(averaged, current, ema_weight(decay, int(updates)))
+
+    return update
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -188,6 +207,10 @@ def fit(
     ``train.cuda_graph=auto`` (and no compile or dropout) the steps run as a replayed CUDA graph
     (``pipeline.batched.train_stacked``).
 
+    ``train.ema_decay``: the result's model and the evaluation sets' ``<name>_loss/_error`` are those of the
+    weights' exponential moving average (``torch.optim.swa_utils.AveragedModel``, updated after every optimizer
+    step with ``ema_weight``'s warm-up); ``<name>_loss_raw/_error_raw`` are the trained weights' own.
+
     ``time_limit_s``: train at most ``train.epochs``, fewer when they would not finish within this many seconds of
     the start (``EpochPlan``); ``on_plan(epochs, why)`` hears the count when it is set.
     """
@@ -204,6 +227,8 @@ def fit(
                              on_plan=on_plan)[0]
     model = build_model(model_cfg, seed=seed).to(device)
     optimizer = _optimizer(model, train_cfg, device)
+    ema = AveragedModel(model, multi_avg_fn=_ema_update(train_cfg.ema_decay)) if train_cfg.ema_decay else None
+    delivered = model if ema is None else ema.module  # what is evaluated under the sets' names, and returned
     images, labels = train_images.to(device), train_labels.to(device)
     evals = {name: (x.to(device), y.to(device)) for name, (x, y) in (eval_sets or {}).items()}
     shuffler = torch.Generator().manual_seed(seed)
@@ -245,6 +270,8 @@ def fit(
                 if train_cfg.grad_clip:
                     nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
                 optimizer.step()
+                if ema is not None:
+                    ema.update_parameters(model)
                 if scheduler is not None:
                     scheduler.step()
                 loss_sum += loss.detach() * len(idx)
@@ -256,8 +283,11 @@ def fit(
                 raise TrainingDiverged(f"{desc}: training loss is {metrics['train_loss']} in epoch {epoch} "
                                        f"(train.lr={train_cfg.lr}); lower the learning rate")
             for name, (x, y) in evals.items():
-                metrics[f"{name}_loss"], metrics[f"{name}_error"] = evaluate(model, x, y, train_cfg.eval_batch_size,
-                                                                             device)
+                metrics[f"{name}_loss"], metrics[f"{name}_error"] = evaluate(delivered, x, y,
+                                                                             train_cfg.eval_batch_size, device)
+                if ema is not None:
+                    metrics[f"{name}_loss_raw"], metrics[f"{name}_error_raw"] = evaluate(
+                        model, x, y, train_cfg.eval_batch_size, device)
             metrics["epoch_seconds"] = time.perf_counter() - epoch_start
             planned = plan.replan(epoch, time.perf_counter() - start)
             if planned is not None:
@@ -275,5 +305,6 @@ def fit(
     finally:
         bar.close()
     result.seconds = time.perf_counter() - start
-    model.eval()
+    result.model = delivered
+    delivered.eval()
     return result

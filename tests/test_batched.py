@@ -234,3 +234,27 @@ def test_a_planned_epoch_count_rewrites_the_captured_steps_schedule(subset, monk
     assert plans == [3] and len(got[0].history) == 3
     assert_same_training([expected], got, x, [(tr, va)])
     assert got[0].history[-1]["lr"] == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph-rehearsal"])
+def test_weight_average_folds_batched_equal_sequential_fits(subset, graph):
+    """train.ema_decay: each fold's moving average of its weights, updated after each of its own steps (folds of
+    unequal size sit some out), is what the stacked run evaluates and returns, as fit's AveragedModel; the trained
+    weights' figures come beside it as val_loss_raw/val_error_raw."""
+    x, y, _ = subset
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    folds = [(order[:1000], order[1000:1400]), (order[1000:1963], order[:500]), (order[1100:2230], order[:300])]
+    cfg = TrainConfig(epochs=2, batch_size=128, device="cpu", optimizer="adamw", weight_decay=0.05,
+                      schedule="cosine", warmup_epochs=0.5, grad_clip=1.0, ema_decay=0.9)
+    expected = sequential(cfg, x, y, folds)
+    vals = [{"val": (x[va], y[va])} for _, va in folds]
+    got = train_stacked(MODEL, cfg, x, y, [tr for tr, _ in folds], SEEDS, vals, progress=False, graph=graph)
+    assert_same_training(expected, got, x, folds)
+    assert list(got[0].history[-1]) == ["train_loss", "train_error", "lr", "val_loss", "val_error", "val_loss_raw",
+                                        "val_error_raw", "epoch_seconds"]
+    plain = sequential(cfg.model_copy(update={"ema_decay": None}), x, y, folds)
+    for averaged, trained in zip(expected, plain):  # the raw figures are the training without an average
+        for a, b in zip(averaged.history, trained.history):
+            assert a["val_error_raw"] == pytest.approx(b["val_error"], abs=1e-4)
+        gap = max((p - q).abs().max().item() for p, q in zip(averaged.model.parameters(), trained.model.parameters()))
+        assert gap > 1e-4  # the delivered model is the average (10x the equality tolerance), not the trained weights

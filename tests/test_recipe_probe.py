@@ -49,3 +49,16 @@ def test_probe_rejects_a_count_below_one(flag: str, capsys) -> None:
         main(["--config", "smoke", flag, "0"])
     assert exc.value.code == 2
     assert f"{flag} must be at least 1" in capsys.readouterr().err
+
+
+def test_probe_with_a_weight_average_reports_the_trained_weights_beside_it(capsys) -> None:
+    assert main(["--config", "smoke", "--epochs", "2", "--last", "2", "--set", "train.ema_decay=0.9"]) == 0
+    out = capsys.readouterr().out
+    pairs = re.findall(r"^epoch +\d+ +test error ([0-9.]+) \(trained weights ([0-9.]+)\)", out, re.M)
+    assert len(pairs) == 2
+    raw = re.search(r"without the weight average \(train.ema_decay\): final test accuracy ([0-9.]+)%; last 2 epochs: "
+                    r"mean test error ([0-9.]+)%", out)
+    assert raw, out
+    assert float(raw[1]) == pytest.approx(100 * (1 - float(pairs[-1][1])), abs=0.006)
+    assert float(raw[2]) == pytest.approx(100 * (float(pairs[0][1]) + float(pairs[1][1])) / 2, abs=0.006)
+    assert "| test error, trained weights (no average) | " in out

@@ -4,7 +4,7 @@ import torch
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.model import build_model
 from pipeline import train as train_lib
-from pipeline.train import PACE_MARGIN, TrainingDiverged, epochs_within, evaluate, fit
+from pipeline.train import PACE_MARGIN, TrainingDiverged, ema_weight, epochs_within, evaluate, fit
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +87,12 @@ def test_a_planned_count_refits_the_schedule(subset, monkeypatch):
     three = fit(args[0], cfg.model_copy(update={"epochs": 3}), *args[2:], seed=3, progress=False)
     assert strip(planned.history) == strip(three.history)
     assert planned.history[-1]["lr"] == pytest.approx(1e-4)
+
+
+def test_weight_average_warms_up_as_tensorflows_moving_average() -> None:
+    """train.ema_decay's update weights: a copy first, then 1 - min(decay, (1 + n) / (10 + n)) after n updates."""
+    assert ema_weight(0.9995, 0) == 1.0
+    assert ema_weight(0.9995, 1) == pytest.approx(1 - 2 / 11)
+    assert ema_weight(0.9995, 1000) == pytest.approx(1 - 1001 / 1010)
+    assert ema_weight(0.9995, 17_990) == pytest.approx(0.0005)  # (10 * decay - 1) / (1 - decay) updates: the cap
+    assert ema_weight(0.9995, 100_000) == pytest.approx(0.0005)

@@ -261,6 +261,42 @@ def test_compiled_training_through_the_flow_matches_eager(session_env, mlflow_cl
         assert metrics["train_loss"] == pytest.approx(eager[key]["train_loss"], rel=1e-3), key
 
 
+def test_weight_average_through_the_flow_is_what_is_exported(session_env, mlflow_client):
+    """train.ema_decay: every fold and the final run log the trained weights' figures beside the average's
+    (*_raw); the ONNX file holds the average: its test loss is the final test_loss, not test_loss_raw."""
+    import onnxruntime as ort
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.config import load_config
+    from pipeline.data import load
+
+    from .conftest import run_cli
+
+    out = run_cli(["run", "--config", "smoke", "--set", "train.ema_decay=0.9", "--set", "cv.epochs=1",
+                   "--set", "export.quantize=false", "--set", "tracking.experiment=vitflow-smoke-ema",
+                   "--set", "tracking.registered_model=vit-mnist-smoke-ema"], session_env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    exp = mlflow_client.get_experiment_by_name("vitflow-smoke-ema")
+    folds = _runs(mlflow_client, exp.experiment_id, "fold")
+    assert len(folds) == 4 and all({"val_error_raw", "val_loss_raw"} <= set(f.data.metrics) for f in folds)
+    final = _runs(mlflow_client, exp.experiment_id, "final")[0]
+    assert final.data.params["train.ema_decay"] == "0.9"
+    epochs = int(final.data.params["train.epochs"])
+    assert len(mlflow_client.get_metric_history(final.info.run_id, "test_loss_raw")) == epochs
+    metrics = final.data.metrics
+    assert abs(metrics["test_loss"] - metrics["test_loss_raw"]) > 1e-3
+
+    path = next(line for line in out.stdout.splitlines() if line.startswith("ONNX model:")).split(":", 1)[1].strip()
+    data = load(load_config("smoke").data)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    pixels = (data.test_images.float() / 255).numpy()
+    logits = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: pixels})[0])
+    loss = F.cross_entropy(logits, data.test_labels).item()
+    assert loss == pytest.approx(metrics["test_loss"], abs=1e-4)
+    assert metrics["test_accuracy"] == pytest.approx(1 - metrics["test_error"], abs=1e-6)
+
+
 def test_a_spent_time_budget_shortens_the_retraining_only(session_env, mlflow_client):
     """time_budget.flow_s: the retraining gets what is left of the flow's budget. Here the 1 s budget is spent
     before the retraining starts, so it trains the 2 epochs that measure its pace and stops, with the cosine

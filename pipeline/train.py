@@ -94,7 +94,9 @@ def ema_weight(decay: float, updates: int) -> float:
 
 
 def _ema_update(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
-    """AveragedModel's ``multi_avg_fn`` with ``ema_weight``'s warm-up (AveragedModel copies the first update itself)."""
+    """AveragedModel's ``multi_avg_fn`` with ``ema_weight``'s warm-up (AveragedModel copies the first update itself).
+    AveragedModel hands over its update count on the parameters' device, so on CUDA reading it waits for the step: a
+    sync per step in fit's eager CUDA path (compile or dropout); the captured path (pipeline.batched) has none."""
 
     @torch.no_grad()
     def update(averaged: list[Tensor], current: list[Tensor], updates: Tensor) -> None:

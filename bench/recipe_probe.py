@@ -48,13 +48,15 @@ def levelled_off(history: list[dict[str, float]], test_images: int, last: int, k
 
 def table(history: list[dict[str, float]], every: int) -> str:
     shown = checkpoints(len(history), every)
+
+    def row(label: str, key: str, digits: int) -> str:
+        return f"| {label} | " + " | ".join(f"{100 * history[e - 1][key]:.{digits}f}%" for e in shown) + " |"
+
     rows = ["| epoch | " + " | ".join(map(str, shown)) + " |", "|---|" + "---|" * len(shown),
-            "| test error | " + " | ".join(f"{100 * history[e - 1]['test_error']:.2f}%" for e in shown) + " |",
-            "| train error (augmented) | "
-            + " | ".join(f"{100 * history[e - 1]['train_error']:.1f}%" for e in shown) + " |"]
+            row("test error", "test_error", 2)]
     if "test_error_raw" in history[-1]:  # train.ema_decay: the test error above is the average's
-        rows.insert(3, "| test error, trained weights (no average) | "
-                    + " | ".join(f"{100 * history[e - 1]['test_error_raw']:.2f}%" for e in shown) + " |")
+        rows.append(row("test error, trained weights (no average)", "test_error_raw", 2))
+    rows.append(row("train error (augmented)", "train_error", 1))
     return "\n".join(rows)
 
 

@@ -433,9 +433,14 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
     shapes = [p.shape for p in template.parameters()]
     numels = [p.numel() for p in template.parameters()]
     weights = torch.stack([parameters_to_vector(m.parameters()) for m in models]).detach().requires_grad_()  # (k, P)
-    for model, row in zip(models, weights.detach()):  # each fold's ViT reads its row of the stacked weights
-        for p, piece, shape in zip(model.parameters(), row.split(numels), shapes):
-            p.data = piece.view(shape)
+
+    def hold(stacked: Tensor) -> None:
+        """Each fold's ViT reads its row of ``stacked`` (k, P) as its parameters."""
+        for model, row in zip(models, stacked):
+            for p, piece, shape in zip(model.parameters(), row.split(numels), shapes):
+                p.data = piece.view(shape)
+
+    hold(weights.detach())
     exp_avg, exp_avg_sq = torch.zeros_like(weights), torch.zeros_like(weights)
     ema = weights.detach().clone() if train_cfg.ema_decay else None  # (k, P): the weights' moving average
     table = _step_table(train_cfg, steps, device)
@@ -545,11 +550,12 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
                                                 f"(train.lr={train_cfg.lr}); lower the learning rate")
                     diverged.fold = f
                     raise diverged
-            current = by_name(weights.detach() if ema is None else ema)
+            trained = by_name(weights.detach())
+            current = trained if ema is None else by_name(ema)
             evaluated = {name: _evaluate_stacked(template, current, *stacked, train_cfg.eval_batch_size)
                          for name, stacked in stacked_evals.items()}
             raw = {} if ema is None else {  # the trained weights' own figures, beside their average's
-                name: _evaluate_stacked(template, by_name(weights.detach()), *stacked, train_cfg.eval_batch_size)
+                name: _evaluate_stacked(template, trained, *stacked, train_cfg.eval_batch_size)
                 for name, stacked in stacked_evals.items()}
             planned = plan.replan(epoch, time.perf_counter() - start)
             if planned is not None:  # in place: a captured graph keeps reading these tensors
@@ -579,9 +585,7 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
     finally:
         bar.close()
     if ema is not None:  # the models delivered are the averages
-        for model, row in zip(models, ema):
-            for p, piece, shape in zip(model.parameters(), row.split(numels), shapes):
-                p.data = piece.view(shape)
+        hold(ema)
     return models, histories, time.perf_counter() - start
 
 

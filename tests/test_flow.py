@@ -264,12 +264,13 @@ def test_compiled_training_through_the_flow_matches_eager(session_env, mlflow_cl
 def test_weight_average_through_the_flow_is_what_is_exported(session_env, mlflow_client):
     """train.ema_decay: every fold and the final run log the trained weights' figures beside the average's
     (*_raw); the ONNX file holds the average: its test loss is the final test_loss, not test_loss_raw."""
-    import onnxruntime as ort
     import torch
     import torch.nn.functional as F
 
     from pipeline.config import load_config
     from pipeline.data import load
+    from pipeline.inference import OnnxClassifier
+    from pipeline.train import to_pixels
 
     from .conftest import run_cli
 
@@ -289,9 +290,7 @@ def test_weight_average_through_the_flow_is_what_is_exported(session_env, mlflow
 
     path = next(line for line in out.stdout.splitlines() if line.startswith("ONNX model:")).split(":", 1)[1].strip()
     data = load(load_config("smoke").data)
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    pixels = (data.test_images.float() / 255).numpy()
-    logits = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: pixels})[0])
+    logits = torch.from_numpy(OnnxClassifier(path, device="cpu").logits(to_pixels(data.test_images).numpy(), 1024))
     loss = F.cross_entropy(logits, data.test_labels).item()
     assert loss == pytest.approx(metrics["test_loss"], abs=1e-4)
     assert metrics["test_accuracy"] == pytest.approx(1 - metrics["test_error"], abs=1e-6)

@@ -1,7 +1,11 @@
 """Batched data augmentation on the training device: one random affine transform per image (rotation, shift,
 zoom, shear), optionally composed with an elastic distortion, applied to a whole batch by one ``grid_sample``
 over an ``affine_grid``, and optional random erasing. No per-sample Python and no DataLoader: on CUDA a batch
-costs a handful of kernel launches per step."""
+costs a handful of kernel launches per step.
+
+``strength`` (``train.augment.anneal``) scales every magnitude at once: the angles, the shift, the zoom's distance
+from 1, the elastic displacement and the erasing probability; 1 is the configured augmentation, 0 none. It is a
+number, or a one-element tensor on the batch's device that a captured CUDA graph reads at every replay."""
 
 from __future__ import annotations
 
@@ -14,12 +18,14 @@ from torch import Tensor
 
 from pipeline.config import AugmentConfig
 
+Strength = float | Tensor
+
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator, device: torch.device) -> Tensor:
     return torch.rand(n, generator=generator, device=device) * (high - low) + low
 
 
-def affine_grid(pixels: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> Tensor:
+def affine_grid(pixels: Tensor, cfg: AugmentConfig, generator: torch.Generator, strength: Strength = 1.0) -> Tensor:
     """The sampling grid (B, H, W, 2) of one random rotation, shear, zoom and shift per image."""
     b, device = pixels.shape[0], pixels.device
     angle = _uniform(b, -cfg.rotation, cfg.rotation, generator, device) * (math.pi / 180)
@@ -27,6 +33,8 @@ def affine_grid(pixels: Tensor, cfg: AugmentConfig, generator: torch.Generator) 
     zoom = _uniform(b, cfg.scale[0], cfg.scale[1], generator, device)
     # affine_grid maps output coordinates to input coordinates in [-1, 1]: the inverse of the image transform.
     shift = _uniform(2 * b, -cfg.translate, cfg.translate, generator, device).view(b, 2) * 2
+    if not _full(strength):  # the same draws, scaled towards the identity transform
+        angle, shear, shift, zoom = angle * strength, shear * strength, shift * strength, (zoom - 1) * strength + 1
     cos, sin, tan = torch.cos(angle), torch.sin(angle), torch.tan(shear)
     # forward transform A = zoom * R(angle) @ Shear_x(shear); theta = A^-1 (shift applied to the output).
     a = torch.stack([torch.stack([cos, cos * tan - sin], -1), torch.stack([sin, sin * tan + cos], -1)], 1)
@@ -76,18 +84,23 @@ def _blur_matrix(n: int, sigma: float, radius: int, device: torch.device, dtype:
     return matrix
 
 
-def random_affine(pixels: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> Tensor:
+def _full(strength: Strength) -> bool:
+    """Whether ``strength`` is the plain number 1 (nothing to scale; a tensor is scaled whatever it holds)."""
+    return not isinstance(strength, Tensor) and strength == 1.0
+
+
+def random_affine(pixels: Tensor, cfg: AugmentConfig, generator: torch.Generator, strength: Strength = 1.0) -> Tensor:
     """``pixels`` (B, C, H, W) in [0, 1] -> the same batch, each image rotated, sheared, zoomed and shifted by its
     own random amounts, and elastically distorted when ``cfg.elastic_alpha`` > 0, in one bilinear resampling.
     ``generator`` lives on the batch's device, so the draws are reproducible per seed."""
-    grid = affine_grid(pixels, cfg, generator)
+    grid = affine_grid(pixels, cfg, generator, strength)
     if cfg.elastic_alpha:
-        grid = grid + elastic_displacement(pixels.shape, cfg.elastic_alpha, cfg.elastic_sigma, generator,
-                                           pixels.device)
+        field = elastic_displacement(pixels.shape, cfg.elastic_alpha, cfg.elastic_sigma, generator, pixels.device)
+        grid = grid + (field if _full(strength) else field * strength)
     return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def random_erasing(pixels: Tensor, probability: float, generator: torch.Generator,
+def random_erasing(pixels: Tensor, probability: Strength, generator: torch.Generator,
                    area: tuple[float, float] = (0.02, 0.15)) -> Tensor:
     """Blank one random rectangle (area fraction in ``area``, aspect 1/3..3) in each image with ``probability``."""
     b, _, h, w = pixels.shape
@@ -106,12 +119,13 @@ def random_erasing(pixels: Tensor, probability: float, generator: torch.Generato
     return pixels.masked_fill(inside.unsqueeze(1), 0.0)
 
 
-def augment(pixels: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> Tensor:
-    """The configured augmentation of one training batch (identity when nothing is configured)."""
+def augment(pixels: Tensor, cfg: AugmentConfig, generator: torch.Generator, strength: Strength = 1.0) -> Tensor:
+    """The configured augmentation of one training batch (identity when nothing is configured), at ``strength``
+    (1: as configured; the random draws are the same at any strength)."""
     if not cfg.active:
         return pixels
     if cfg.resamples:
-        pixels = random_affine(pixels, cfg, generator)
+        pixels = random_affine(pixels, cfg, generator, strength)
     if cfg.erasing:
-        pixels = random_erasing(pixels, cfg.erasing, generator)
+        pixels = random_erasing(pixels, cfg.erasing if _full(strength) else cfg.erasing * strength, generator)
     return pixels

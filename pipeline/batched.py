@@ -26,7 +26,9 @@ rounding (tests/test_batched.py):
   Each fold's ViT in the result holds its row of the stacked weights;
 - ``train.ema_decay``: the weights' moving average is one more ``(k, P)`` tensor, lerped towards the weights in the
   step (its per-fold weights in the step table: a fold sitting out leaves its average too); it is what is evaluated
-  and returned, as fit's ``AveragedModel``, and the trained weights' figures come as ``<name>_loss_raw/_error_raw``.
+  and returned, as fit's ``AveragedModel``, and the trained weights' figures come as ``<name>_loss_raw/_error_raw``;
+- ``train.augment.anneal``: each fold's augmentation strength at its own step (``pipeline.train.augment_strength``),
+  a host number in the eager path as in fit, a column of the step table in the captured one.
 
 ``train.compile`` is not applied here. On CUDA (``train.cuda_graph=auto``, no dropout) the whole step is captured
 once as a CUDA graph and replayed for every step: augmentation, forward, backward and the Adam update.
@@ -61,8 +63,8 @@ from tqdm.auto import tqdm
 from pipeline.augment import augment
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.model import ViT, build_model, patchify
-from pipeline.train import (EpochPlan, FitResult, PlanCallback, TrainingAborted, TrainingDiverged, lr_factor,
-                            ema_weight, resolve_device, to_pixels)
+from pipeline.train import (EpochPlan, FitResult, PlanCallback, TrainingAborted, TrainingDiverged, augment_strength,
+                            ema_weight, lr_factor, resolve_device, to_pixels)
 
 FoldCallback = Callable[[int, int, dict[str, float]], None]
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, which fit uses
@@ -83,6 +85,7 @@ class _StepTable:
     w2: Tensor
     ema_w: Tensor          # train.ema_decay: ema.lerp_(weights, ema_w): pipeline.train.ema_weight after the fold's
                            # earlier steps (1 at its first: a copy), or 0 when sitting out
+    aug: Tensor            # train.augment.anneal: the augmentation's strength at the fold's step (1: as configured)
 
     def row(self, step: Tensor) -> _StepTable:
         """The constants of the step that the device counter ``step`` (shape (1,)) names, each (k, 1): read on the
@@ -94,6 +97,7 @@ class _StepTable:
 def _step_table(cfg: TrainConfig, steps: list[int], device: torch.device) -> _StepTable:
     per_epoch = max(steps)
     factors = [lr_factor(cfg, s) for s in steps]
+    fading = [augment_strength(cfg, s) for s in steps]
     rows: dict[str, list[list[float]]] = {name: [] for name in _StepTable.__dataclass_fields__}
     for epoch in range(cfg.epochs):
         for step in range(per_epoch):
@@ -110,6 +114,7 @@ def _step_table(cfg: TrainConfig, steps: list[int], device: torch.device) -> _St
                 cols["b2"].append(BETA2 if active else 1.0)
                 cols["w2"].append(1 - BETA2 if active else 0.0)
                 cols["ema_w"].append(ema_weight(cfg.ema_decay, done) if active and cfg.ema_decay else 0.0)
+                cols["aug"].append(fading[fold](done))
             for name, values in cols.items():
                 rows[name].append(values)
     return _StepTable(**{name: torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(-1)
@@ -459,6 +464,7 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
     count_table = torch.tensor(counts, dtype=torch.float32, device=device)  # (per_epoch, k)
     real = torch.arange(bs, device=device) < count_table.unsqueeze(-1)  # (per_epoch, k, bs)
     bf16 = train_cfg.precision == "bf16" and device.type == "cuda"
+    fade = bool(train_cfg.augment.anneal)
     # The step's inputs live in fixed device tensors, and the step index is a device counter the step advances
     # itself: the same step can then be captured once as a CUDA graph and replayed for every step of the run.
     order = torch.zeros(k, per_epoch, bs, dtype=torch.long, device=device)  # this epoch's batches; padding -> 0
@@ -476,11 +482,13 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
         x, y = to_pixels(images[idx]), labels[idx]
         mask, n_real = real.index_select(0, at).squeeze(0), count_table.index_select(0, at).squeeze(0)
         if augmenters is not None and graph:  # fixed shapes: every row, padding too (its loss weight is 0)
-            x = torch.stack([augment(x[f], train_cfg.augment, augmenters[f]) for f in range(k)])
+            strength = table.aug.index_select(0, counter).squeeze(0) if fade else [1.0] * k  # (k, 1) on the device
+            x = torch.stack([augment(x[f], train_cfg.augment, augmenters[f], strength[f]) for f in range(k)])
         elif augmenters is not None:  # exactly fit's draws: the fold's real samples of this step only
             for f in range(k):
                 if counts[s][f]:
-                    x[f, :counts[s][f]] = augment(x[f, :counts[s][f]], train_cfg.augment, augmenters[f])
+                    strength = augment_strength(plan.cfg, steps[f])((epoch - 1) * steps[f] + s) if fade else 1.0
+                    x[f, :counts[s][f]] = augment(x[f, :counts[s][f]], train_cfg.augment, augmenters[f], strength)
         params = by_name(weights)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graph):
             logits = stacked_forward(template, params, x, explicit_attention=explicit).float()
@@ -557,6 +565,7 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
             raw = {} if ema is None else {  # the trained weights' own figures, beside their average's
                 name: _evaluate_stacked(template, trained, *stacked, train_cfg.eval_batch_size)
                 for name, stacked in stacked_evals.items()}
+            strengths = [augment_strength(plan.cfg, n)(epoch * n - 1) for n in steps]  # at each fold's last step
             planned = plan.replan(epoch, time.perf_counter() - start)
             if planned is not None:  # in place: a captured graph keeps reading these tensors
                 new = _step_table(planned, steps, device)
@@ -569,6 +578,8 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
             for f in range(k):
                 metrics = {"train_loss": train_loss[f], "train_error": train_error[f],
                            "lr": train_cfg.lr * lr_factor(plan.cfg, steps[f])(epoch * steps[f])}
+                if fade:
+                    metrics["augment_strength"] = strengths[f]
                 for name, (losses, errors) in evaluated.items():
                     metrics[f"{name}_loss"], metrics[f"{name}_error"] = losses[f], errors[f]
                     if name in raw:

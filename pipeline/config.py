@@ -127,6 +127,10 @@ class AugmentConfig(_Strict):
     elastic_sigma: float = Field(4.0, gt=0, le=10, description="elastic distortion: std of the Gaussian that smooths "
                                  "the displacement field, in pixels (larger: smoother, smaller displacements)")
     erasing: float = Field(0.0, ge=0, le=1, description="probability of blanking one random rectangle per image")
+    anneal: float = Field(0.0, ge=0, le=1, description="the last fraction of a run's optimizer steps over which all "
+                          "of the above fade linearly to none (rotation, shear, shift, zoom, elastic displacement "
+                          "and erasing scaled together, to 0 at the last step), so the last steps train on images "
+                          "like the test images; 0: the full augmentation to the end")
 
     @field_validator("scale")
     @classmethod

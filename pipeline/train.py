@@ -132,6 +132,19 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     return factor
 
 
+def augment_strength(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """The augmentation's strength at optimizer step ``step`` (0-based): 1 until the last ``train.augment.anneal``
+    of the run's steps, then falling linearly to 0 at its last step (``pipeline.augment``: 0 is no augmentation)."""
+    total = cfg.epochs * steps_per_epoch
+    fade = round(cfg.augment.anneal * total)
+
+    def strength(step: int) -> float:
+        left = total - 1 - step  # steps after this one
+        return 1.0 if left >= fade else max(0.0, left / fade)
+
+    return strength
+
+
 def epochs_within(time_limit_s: float, max_epochs: int, done: int, elapsed_s: float, epoch_s: float) -> int:
     """How many epochs a run with ``time_limit_s`` trains: the ``done`` ones, plus as many more at ``epoch_s`` each
     (with PACE_MARGIN) as fit in what is left of the limit after ``elapsed_s``; at most ``max_epochs``."""
@@ -237,6 +250,7 @@ def fit(
     augmenter = torch.Generator(device=device).manual_seed(seed + 1) if train_cfg.augment.active else None
     n, bs = len(labels), train_cfg.batch_size
     steps = math.ceil(n / bs)
+    fading = augment_strength(train_cfg, steps) if train_cfg.augment.anneal else None
     scheduler = None
     if train_cfg.schedule != "constant" or train_cfg.warmup_epochs:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(train_cfg, steps))
@@ -263,7 +277,8 @@ def fit(
                 idx = order[i:i + bs]
                 x, y = to_pixels(images[idx]), labels[idx]
                 if augmenter is not None:
-                    x = augment(x, train_cfg.augment, augmenter)
+                    strength = 1.0 if fading is None else fading((epoch - 1) * steps + i // bs)
+                    x = augment(x, train_cfg.augment, augmenter, strength)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     logits = forward(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=train_cfg.label_smoothing)
@@ -281,6 +296,8 @@ def fit(
                 bar.update(1)
             metrics = {"train_loss": loss_sum.item() / n, "train_error": wrong.item() / n,
                        "lr": optimizer.param_groups[0]["lr"]}
+            if fading is not None:  # the augmentation's strength in the epoch's last step
+                metrics["augment_strength"] = fading(epoch * steps - 1)
             if not math.isfinite(metrics["train_loss"]):
                 raise TrainingDiverged(f"{desc}: training loss is {metrics['train_loss']} in epoch {epoch} "
                                        f"(train.lr={train_cfg.lr}); lower the learning rate")
@@ -293,6 +310,8 @@ def fit(
             metrics["epoch_seconds"] = time.perf_counter() - epoch_start
             planned = plan.replan(epoch, time.perf_counter() - start)
             if planned is not None:
+                if fading is not None:
+                    fading = augment_strength(planned, steps)
                 if scheduler is not None:  # the next step's learning rate, too, from the new schedule
                     scheduler.lr_lambdas = [lr_factor(planned, steps)]
                     for group, base in zip(optimizer.param_groups, scheduler.base_lrs):

@@ -258,3 +258,44 @@ def test_weight_average_folds_batched_equal_sequential_fits(subset, graph):
             assert a["val_error_raw"] == pytest.approx(b["val_error"], abs=1e-4)
         gap = max((p - q).abs().max().item() for p, q in zip(averaged.model.parameters(), trained.model.parameters()))
         assert gap > 1e-4  # the delivered model is the average (10x the equality tolerance), not the trained weights
+
+
+FADING = AugmentConfig(rotation=15, translate=0.1, scale=(0.9, 1.1), elastic_alpha=20, erasing=0.3, anneal=0.6)
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph-rehearsal"])
+def test_fading_augmentation_folds_batched_equal_sequential_fits(subset, graph):
+    """train.augment.anneal: each fold's augmentation fades over its own last steps, as in fit. Eagerly with folds
+    of unequal size (their own step counts); on the graph path, whose strength is a column of the step table, with
+    batches that divide the folds (the graph path's draws are fit's only then)."""
+    x, y, folds = subset
+    if not graph:
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+        folds = [(order[:1000], order[1000:1400]), (order[1000:1963], order[:500]), (order[1100:2230], order[:300])]
+    cfg = TrainConfig(epochs=2, batch_size=128 if not graph else 125, device="cpu", label_smoothing=0.1,
+                      augment=FADING)
+    expected = sequential(cfg, x, y, folds)
+    vals = [{"val": (x[va], y[va])} for _, va in folds]
+    got = train_stacked(MODEL, cfg, x, y, [tr for tr, _ in folds], SEEDS, vals, progress=False, graph=graph)
+    assert_same_training(expected, got, x, folds)
+    first, last = (m["augment_strength"] for m in got[0].history)  # (fit's too: compared above)
+    assert 0.5 < first < 1 and last == 0.0  # the fade starts in the first epoch, ends at the last step
+    full = sequential(cfg.model_copy(update={"augment": FADING.model_copy(update={"anneal": 0.0})}), x, y, folds)
+    assert full[0].history[1]["train_loss"] != pytest.approx(expected[0].history[1]["train_loss"], abs=1e-4)
+
+
+def test_a_planned_epoch_count_rewrites_the_captured_augmentation_fade(subset, monkeypatch):
+    """3 of 6 epochs planned after 2: the fade over the last 60% of the steps moves from epochs 3.6-6 to 1.8-3, in
+    the step table a captured graph reads, as fit moves it."""
+    from pipeline import train as train_lib
+
+    monkeypatch.setattr(train_lib, "epochs_within", lambda *args: 3)
+    x, y, folds = subset
+    tr, va = folds[0]
+    cfg = TrainConfig(epochs=6, batch_size=125, device="cpu", augment=FADING)
+    evals = {"test": (x[va], y[va])}
+    expected = fit(MODEL, cfg, x[tr], y[tr], evals, seed=SEEDS[0], progress=False, time_limit_s=60.0)
+    got = train_stacked(MODEL, cfg, x[tr], y[tr], [None], SEEDS[:1], [evals], progress=False, graph=True,
+                        time_limit_s=60.0)
+    assert len(got[0].history) == 3 and got[0].history[-1]["augment_strength"] == 0.0
+    assert_same_training([expected], got, x, [(tr, va)])

@@ -6,7 +6,8 @@ study: no cross-validation, no tracking, no export.
     .venv/bin/python bench/recipe_probe.py --config strong --epochs 10 --set train.warmup_epochs=1 --set model.stem=conv
 
 Prints a line per epoch as it goes (test and augmented-train error, seconds; with train.ema_decay the test error is
-the weight average's and the trained weights' own follows in parentheses), then where the run levelled off (the
+the weight average's and the trained weights' own follows in parentheses; with train.augment.anneal, the
+augmentation's strength at the epoch's end), then where the run levelled off (the
 mean test error over its last epochs, and the range as counts of test errors) and a markdown table: every epoch up to
 20 epochs, else every 5th and the last (``--every`` sets the step). The data root is the project's setting
 ($VITFLOW_DATA_DIR, else the preset's data.root).
@@ -88,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def report(epoch: int, m: dict[str, float]) -> None:
         raw = f" (trained weights {m['test_error_raw']:.4f})" if "test_error_raw" in m else ""
+        faded = f"  augmentation {m['augment_strength']:.2f}" if "augment_strength" in m else ""  # train.augment.anneal
         print(f"epoch {epoch:3d}  test error {m['test_error']:.4f}{raw}  train error {m['train_error']:.4f}  "
-              f"lr {m['lr']:.2e}  {m['epoch_seconds']:.0f} s  ({time.perf_counter() - start:.0f} s in all)",
+              f"lr {m['lr']:.2e}{faded}  {m['epoch_seconds']:.0f} s  ({time.perf_counter() - start:.0f} s in all)",
               flush=True)
 
     result = fit(cfg.model, cfg.train, data.train_images, data.train_labels,

@@ -464,7 +464,7 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
     count_table = torch.tensor(counts, dtype=torch.float32, device=device)  # (per_epoch, k)
     real = torch.arange(bs, device=device) < count_table.unsqueeze(-1)  # (per_epoch, k, bs)
     bf16 = train_cfg.precision == "bf16" and device.type == "cuda"
-    fade = bool(train_cfg.augment.anneal)
+    fade = augmenters is not None and bool(train_cfg.augment.anneal)
     # The step's inputs live in fixed device tensors, and the step index is a device counter the step advances
     # itself: the same step can then be captured once as a CUDA graph and replayed for every step of the run.
     order = torch.zeros(k, per_epoch, bs, dtype=torch.long, device=device)  # this epoch's batches; padding -> 0

@@ -250,7 +250,7 @@ def fit(
     augmenter = torch.Generator(device=device).manual_seed(seed + 1) if train_cfg.augment.active else None
     n, bs = len(labels), train_cfg.batch_size
     steps = math.ceil(n / bs)
-    fading = augment_strength(train_cfg, steps) if train_cfg.augment.anneal else None
+    fading = augment_strength(train_cfg, steps) if augmenter is not None and train_cfg.augment.anneal else None
     scheduler = None
     if train_cfg.schedule != "constant" or train_cfg.warmup_epochs:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(train_cfg, steps))

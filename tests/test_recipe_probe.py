@@ -62,3 +62,12 @@ def test_probe_with_a_weight_average_reports_the_trained_weights_beside_it(capsy
     assert float(raw[1]) == pytest.approx(100 * (1 - float(pairs[-1][1])), abs=0.006)
     assert float(raw[2]) == pytest.approx(100 * (float(pairs[0][1]) + float(pairs[1][1])) / 2, abs=0.006)
     assert "| test error, trained weights (no average) | " in out
+
+
+def test_probe_with_a_fading_augmentation_prints_its_strength(capsys) -> None:
+    assert main(["--config", "smoke", "--epochs", "2", "--set", "train.augment.rotation=10",
+                 "--set", "train.augment.anneal=0.5"]) == 0
+    strengths = re.findall(r"^epoch +\d+ .* augmentation ([0-9.]+) ", capsys.readouterr().out, re.M)
+    assert strengths == ["1.00", "0.00"]
+    assert main(["--config", "smoke", "--epochs", "1", "--set", "train.augment.anneal=0.5"]) == 0
+    assert " augmentation " not in capsys.readouterr().out  # nothing to fade without an augmentation

@@ -481,8 +481,9 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
         idx = order.index_select(1, at).squeeze(1)  # (k, bs)
         x, y = to_pixels(images[idx]), labels[idx]
         mask, n_real = real.index_select(0, at).squeeze(0), count_table.index_select(0, at).squeeze(0)
+        row = table.row(counter)  # this step's constants, each (k, 1): the augmentation's strength, Adam's
         if augmenters is not None and graph:  # fixed shapes: every row, padding too (its loss weight is 0)
-            strength = table.aug.index_select(0, counter).squeeze(0) if fade else [1.0] * k  # (k, 1) on the device
+            strength = row.aug if fade else [1.0] * k
             x = torch.stack([augment(x[f], train_cfg.augment, augmenters[f], strength[f]) for f in range(k)])
         elif augmenters is not None:  # exactly fit's draws: the fold's real samples of this step only
             for f in range(k):
@@ -497,7 +498,6 @@ def _train_stacked(model_cfg: ModelConfig, train_cfg: TrainConfig, images: Tenso
         loss = per_sample.masked_fill(~mask, 0.0).sum(1) / n_real.clamp(min=1)  # each fold's mean loss
         weights.grad = None
         loss.sum().backward()
-        row = table.row(counter)
         _adam_step(weights, exp_avg, exp_avg_sq, train_cfg, row)
         with torch.no_grad():
             if ema is not None:

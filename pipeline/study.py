@@ -387,7 +387,8 @@ def retrain(study: Study, leaderboard: list[dict[str, Any]], log: Callable[[str]
     The ``final`` run stays open for export, evaluation and registration to log into. ``log`` gets progress lines
     (``pipeline.report.EpochProgress``: the first epoch, then about one every 30 s, and the last).
     ``time_limit_s`` (from the study's time budget): at most ``train.epochs``, as many as fit in that many seconds
-    (``pipeline.train.EpochPlan``); the planned count is the run's ``epochs_planned`` parameter."""
+    (``pipeline.train.EpochPlan``); the planned count is the run's ``epochs_planned`` parameter, and a later cut
+    (the pace slowed) its ``epochs_cut_to`` tag."""
     started = time.perf_counter()
     best = study.candidates[leaderboard[0]["candidate_index"]]
     study.selected = best.label
@@ -405,8 +406,14 @@ def retrain(study: Study, leaderboard: list[dict[str, Any]], log: Callable[[str]
     desc = f"final {best.label}"
     on_epoch = _EpochLog(study, [run_id], desc, best.train.epochs, log, quiet=False)
 
+    plans: list[int] = []
+
     def on_plan(epochs: int, why: str) -> None:
-        study.tracker.log_params(run_id, {"epochs_planned": epochs})
+        if not plans:  # the plan; a later cut (a slower pace) is a tag: parameters cannot change
+            study.tracker.log_params(run_id, {"epochs_planned": epochs})
+        else:
+            study.tracker.set_tags(run_id, {"epochs_cut_to": epochs})
+        plans.append(epochs)
         on_epoch.replan(epochs)
         if log is not None:
             log(why)

@@ -155,15 +155,20 @@ def epochs_within(time_limit_s: float, max_epochs: int, done: int, elapsed_s: fl
 class EpochPlan:
     """The epoch count of one run under an optional time limit (seconds from the run's start): ``train.epochs``,
     or after PLAN_AFTER_EPOCHS epochs, fewer if that many would not finish in time at the pace of the last epoch.
+    After that, a guard: when the epochs left would end past the limit at the mean pace of the epochs since the
+    first (a machine that slowed down), the count is cut again, to what fits at that pace (with PACE_MARGIN);
+    it never grows back.
     ``replan`` returns the new TrainConfig (``epochs`` set: the LR schedule then decays to ``min_lr`` at the
     planned end) when the count changed, else None. A plan within the warm-up (``warmup_epochs`` >=
     PLAN_AFTER_EPOCHS) changes no learning rate already used; one after it moves the cosine from its value for
     ``train.epochs`` to the slightly lower one for the planned count (e.g. 0.995 -> 0.993 of lr for 24 -> 20
-    epochs after 2 with a 1-epoch warm-up)."""
+    epochs after 2 with a 1-epoch warm-up); a later cut moves the rest of the cosine (and of an augmentation
+    fade) to end at the new count."""
 
     def __init__(self, cfg: TrainConfig, time_limit_s: float | None, on_plan: PlanCallback | None, desc: str):
         self.cfg, self.limit, self.on_plan, self.desc = cfg, time_limit_s, on_plan, desc
         self.previous_end = 0.0  # seconds from the start to the end of the epoch before
+        self.first_end = 0.0  # seconds from the start to the end of the first epoch (its one-time costs)
 
     @property
     def epochs(self) -> int:
@@ -172,11 +177,23 @@ class EpochPlan:
     def replan(self, done: int, elapsed_s: float) -> TrainConfig | None:
         """Call at the same point of every epoch (after its evaluation) with the seconds since the run started."""
         epoch_s, self.previous_end = elapsed_s - self.previous_end, elapsed_s
-        if self.limit is None or done != PLAN_AFTER_EPOCHS or self.cfg.epochs <= done:
+        if done == 1:
+            self.first_end = elapsed_s
+        if self.limit is None or done < PLAN_AFTER_EPOCHS or self.cfg.epochs <= done:
             return None
-        n = epochs_within(self.limit, self.cfg.epochs, done, elapsed_s, epoch_s)
-        why = (f"{self.desc}: {n} of {self.cfg.epochs} epochs fit the time limit of {self.limit:.0f} s "
-               f"({epoch_s:.2f} s per epoch, {elapsed_s:.1f} s for the first {done})")
+        if done == PLAN_AFTER_EPOCHS:
+            n = epochs_within(self.limit, self.cfg.epochs, done, elapsed_s, epoch_s)
+            why = (f"{self.desc}: {n} of {self.cfg.epochs} epochs fit the time limit of {self.limit:.0f} s "
+                   f"({epoch_s:.2f} s per epoch, {elapsed_s:.1f} s for the first {done})")
+        else:
+            pace = (elapsed_s - self.first_end) / (done - 1)
+            if elapsed_s + (self.cfg.epochs - done) * pace <= self.limit:
+                return None
+            n = epochs_within(self.limit, self.cfg.epochs, done, elapsed_s, pace)
+            if n == self.cfg.epochs:  # the margin's rounding: nothing to cut
+                return None
+            why = (f"{self.desc}: the pace slowed to {pace:.2f} s per epoch ({elapsed_s:.1f} s for the first {done}); "
+                   f"{n} instead of {self.cfg.epochs} epochs fit the time limit of {self.limit:.0f} s")
         if self.on_plan is not None:
             self.on_plan(n, why)
         if n == self.cfg.epochs:
@@ -227,7 +244,8 @@ def fit(
     step with ``ema_weight``'s warm-up); ``<name>_loss_raw/_error_raw`` are the trained weights' own.
 
     ``time_limit_s``: train at most ``train.epochs``, fewer when they would not finish within this many seconds of
-    the start (``EpochPlan``); ``on_plan(epochs, why)`` hears the count when it is set.
+    the start (``EpochPlan``); ``on_plan(epochs, why)`` hears the count when it is set, and again if a slower pace
+    later cuts it.
     """
     seed = train_cfg.seed if seed is None else seed
     device = resolve_device(train_cfg.device)

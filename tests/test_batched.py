@@ -299,3 +299,28 @@ def test_a_planned_epoch_count_rewrites_the_captured_augmentation_fade(subset, m
                         time_limit_s=60.0)
     assert len(got[0].history) == 3 and got[0].history[-1]["augment_strength"] == 0.0
     assert_same_training([expected], got, x, [(tr, va)])
+
+
+def test_a_later_cut_rewrites_the_rest_of_the_captured_schedule(subset, monkeypatch):
+    """A pace that slowed after the plan (here: all 6 planned after epoch 2, cut to 4 after epoch 3, standing in
+    for the clock under a spent limit): the graph path rewrites the steps left of its table (cosine and fade end at
+    epoch 4), and trains as eager fit does under the same cut."""
+    from pipeline import train as train_lib
+
+    monkeypatch.setattr(train_lib, "epochs_within", lambda limit, most, done, elapsed, pace: 6 if done == 2 else 4)
+    x, y, folds = subset
+    tr, va = folds[0]
+    cfg = TrainConfig(epochs=6, batch_size=125, device="cpu", optimizer="adamw", weight_decay=0.05,
+                      schedule="cosine", warmup_epochs=1, min_lr=1e-4, augment=FADING)
+    evals = {"test": (x[va], y[va])}
+    heard = []
+    expected = fit(MODEL, cfg, x[tr], y[tr], evals, seed=SEEDS[0], progress=False, time_limit_s=0.0,
+                   on_plan=lambda n, why: heard.append(n))
+    got = train_stacked(MODEL, cfg, x[tr], y[tr], [None], SEEDS[:1], [evals], progress=False, graph=True,
+                        time_limit_s=0.0, on_plan=lambda n, why: heard.append(n))
+    assert heard == [6, 4, 6, 4] and len(got[0].history) == 4
+    assert_same_training([expected], got, x, [(tr, va)])
+    assert got[0].history[-1]["lr"] == pytest.approx(1e-4) and got[0].history[-1]["augment_strength"] == 0.0
+    uncut = fit(MODEL, cfg, x[tr], y[tr], evals, seed=SEEDS[0], progress=False)
+    losses = [[m["train_loss"] for m in run.history[:4]] for run in (uncut, expected)]
+    assert losses[0][:3] == losses[1][:3] and losses[0][3] != losses[1][3]  # the cut changed what followed it only

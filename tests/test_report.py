@@ -88,3 +88,38 @@ def test_fold_tasks_and_the_retraining_report_through_the_study_steps(data_root,
         f"{label} fold {f}/2: epoch {e}/2" for f in (1, 2) for e in (1, 2)], batched
     assert [line.split(", test_error")[0] for line in final] == [f"final {label}: epoch 1/2",
                                                                  f"final {label}: epoch 2/2"], final
+
+
+def test_a_retraining_cut_by_a_slower_pace_is_tagged_and_reported(data_root, tmp_path, monkeypatch):
+    """The retraining's plan is its epochs_planned parameter; a later cut (here: all 5 planned after epoch 2, 3
+    after epoch 3, standing in for a clock that slowed under a spent limit) its epochs_cut_to tag, as parameters
+    cannot change; the progress lines count to the new end and say why."""
+    from mlflow import MlflowClient
+
+    from pipeline import study as steps
+    from pipeline import train as train_lib
+    from pipeline.config import load_config
+    from pipeline.data import load, verify
+    from pipeline.tracking import Tracker
+
+    from ._consume import mlflow_store
+
+    monkeypatch.setattr(train_lib, "epochs_within", lambda limit, most, done, elapsed, pace: 5 if done == 2 else 3)
+    cfg = load_config("smoke", ["tracking.experiment=cut", "train.device=cpu", "cv.grid={model.depth: [1]}",
+                                "train.epochs=5", "data.train_subset=600", "data.test_subset=200"])
+    with mlflow_store(tmp_path) as uri:  # the Tracker sets the global tracking URI: put back afterwards
+        study = steps.Study(cfg=cfg, data=load(cfg.data, root=data_root, md5=verify(data_root)),
+                            tracker=Tracker(uri, cfg.experiment_name))
+        steps.start_study(study)
+        configuration = steps.start_configuration(study, 0)
+        leaderboard = steps.aggregate(study, [steps.train_fold(study, 0, f, configuration) for f in range(2)])
+        steps.close_configuration(study, leaderboard[0], configuration)
+        lines = []
+        _, run_id = steps.retrain(study, leaderboard, log=lines.append, time_limit_s=0.0)
+        study.tracker.end_run(run_id)
+        study.tracker.end_run(study.run_id)
+        run = MlflowClient(uri).get_run(run_id)
+        assert run.data.params["epochs_planned"] == "5" and run.data.tags["epochs_cut_to"] == "3"
+        assert [m.step for m in MlflowClient(uri).get_metric_history(run_id, "test_error")] == [1, 2, 3]
+    assert any("the pace slowed to" in line and "3 instead of 5 epochs fit" in line for line in lines), lines
+    assert lines[-1].startswith(f"final {study.candidates[0].label}: epoch 3/3"), lines

@@ -4,7 +4,7 @@ import torch
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.model import build_model
 from pipeline import train as train_lib
-from pipeline.train import PACE_MARGIN, TrainingDiverged, ema_weight, epochs_within, evaluate, fit
+from pipeline.train import PACE_MARGIN, EpochPlan, TrainingDiverged, ema_weight, epochs_within, evaluate, fit
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,43 @@ def test_epochs_within_a_time_limit():
     assert epochs_within(1e6, 50, 2, 10, 5) == 50  # never more than train.epochs
     assert epochs_within(0, 50, 2, 10, 5) == 2  # the limit already spent: the epochs done, none more
     assert epochs_within(-30, 50, 2, 10, 5) == 2
+
+
+def test_a_slower_pace_later_cuts_the_planned_count():
+    """EpochPlan, fed the seconds since the start at the end of each epoch: planned after 2, then cut when the
+    epochs left would end past the limit at the mean pace since the first epoch; never grown back."""
+    heard = []
+    plan = EpochPlan(TrainConfig(epochs=50), 100.0, lambda n, why: heard.append((n, why)), "final")
+    assert plan.replan(1, 10.0) is None  # the first epoch (one-time costs): no plan yet
+    assert plan.replan(2, 20.0).epochs == 2 + int(80 / (10 * PACE_MARGIN)) == 9
+    assert plan.replan(3, 30.0) is None and plan.replan(4, 40.0) is None  # on pace: 40 + 5 x 10 s <= 100
+    assert plan.replan(5, 55.0) is None  # 15 s, but the mean since epoch 1 (11.25 s) still ends at 100
+    cut = plan.replan(6, 75.0)  # mean 13 s: 75 + 3 x 13 > 100; 25 s left fit 1 more at 13.39 s
+    assert cut is not None and cut.epochs == plan.epochs == 7
+    assert [n for n, _ in heard] == [9, 7]
+    assert heard[1][1] == ("final: the pace slowed to 13.00 s per epoch (75.0 s for the first 6); 7 instead of 9 "
+                           "epochs fit the time limit of 100 s")
+    assert plan.replan(7, 80.0) is None  # the last epoch: nothing to plan, and a faster pace adds none back
+    assert EpochPlan(TrainConfig(epochs=50), None, None, "").replan(3, 1e9) is None  # no limit, no plan
+
+    stop = EpochPlan(TrainConfig(epochs=10), 30.0, None, "")  # a limit passed: the epoch just done is the last
+    stop.replan(1, 5.0)
+    assert stop.replan(2, 10.0).epochs == 5 and stop.replan(3, 40.0).epochs == 3
+
+
+def test_fit_cuts_its_epochs_when_the_machine_slows_down(subset):
+    """A real slowdown (the third epoch's callback sleeps past the limit): the count planned after epoch 2 (all
+    8) is cut to the 4 done once the pace says no more fit; the cosine is refitted to end at min_lr there."""
+    import time
+
+    x, y, xt, yt = subset
+    cfg = TrainConfig(epochs=8, batch_size=250, device="cpu", optimizer="adamw", schedule="cosine", min_lr=1e-4)
+    plans = []
+    result = fit(ModelConfig(depth=1), cfg, x[:1000], y[:1000], {"val": (xt[:200], yt[:200])}, seed=3,
+                 progress=False, time_limit_s=8.0, on_plan=lambda n, why: plans.append(n),
+                 callback=lambda epoch, m: time.sleep(9.0) if epoch == 3 else None)
+    assert plans == [8, 4] and len(result.history) == 4
+    assert result.history[-1]["lr"] == pytest.approx(1e-4)
 
 
 def test_a_spent_time_limit_stops_after_the_pace_is_measured(subset):

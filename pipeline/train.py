@@ -189,9 +189,7 @@ class EpochPlan:
             pace = (elapsed_s - self.first_end) / (done - 1)
             if elapsed_s + (self.cfg.epochs - done) * pace <= self.limit:
                 return None
-            n = epochs_within(self.limit, self.cfg.epochs, done, elapsed_s, pace)
-            if n == self.cfg.epochs:  # the margin's rounding: nothing to cut
-                return None
+            n = epochs_within(self.limit, self.cfg.epochs, done, elapsed_s, pace)  # fewer: those left did not fit
             why = (f"{self.desc}: the pace slowed to {pace:.2f} s per epoch ({elapsed_s:.1f} s for the first {done}); "
                    f"{n} instead of {self.cfg.epochs} epochs fit the time limit of {self.limit:.0f} s")
         if self.on_plan is not None:

@@ -167,7 +167,6 @@ class EpochPlan:
 
     def __init__(self, cfg: TrainConfig, time_limit_s: float | None, on_plan: PlanCallback | None, desc: str):
         self.cfg, self.limit, self.on_plan, self.desc = cfg, time_limit_s, on_plan, desc
-        self.previous_end = 0.0  # seconds from the start to the end of the epoch before
         self.first_end = 0.0  # seconds from the start to the end of the first epoch (its one-time costs)
 
     @property
@@ -176,17 +175,16 @@ class EpochPlan:
 
     def replan(self, done: int, elapsed_s: float) -> TrainConfig | None:
         """Call at the same point of every epoch (after its evaluation) with the seconds since the run started."""
-        epoch_s, self.previous_end = elapsed_s - self.previous_end, elapsed_s
         if done == 1:
             self.first_end = elapsed_s
         if self.limit is None or done < PLAN_AFTER_EPOCHS or self.cfg.epochs <= done:
             return None
+        pace = (elapsed_s - self.first_end) / (done - 1)  # s per epoch after the first (at the plan: epoch 2's)
         if done == PLAN_AFTER_EPOCHS:
-            n = epochs_within(self.limit, self.cfg.epochs, done, elapsed_s, epoch_s)
+            n = epochs_within(self.limit, self.cfg.epochs, done, elapsed_s, pace)
             why = (f"{self.desc}: {n} of {self.cfg.epochs} epochs fit the time limit of {self.limit:.0f} s "
-                   f"({epoch_s:.2f} s per epoch, {elapsed_s:.1f} s for the first {done})")
+                   f"({pace:.2f} s per epoch, {elapsed_s:.1f} s for the first {done})")
         else:
-            pace = (elapsed_s - self.first_end) / (done - 1)
             if elapsed_s + (self.cfg.epochs - done) * pace <= self.limit:
                 return None
             n = epochs_within(self.limit, self.cfg.epochs, done, elapsed_s, pace)  # fewer: those left did not fit

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from bench.recipe_probe import checkpoints, levelled_off, main, table
+from bench.recipe_probe import checkpoints, default_last, levelled_off, main, table
 
 
 def test_checkpoints_are_every_nth_epoch_and_the_last() -> None:
@@ -20,6 +20,10 @@ def test_levelled_off_averages_the_last_epochs_and_counts_their_errors() -> None
     history = [{"test_error": e} for e in (0.0100, 0.0060, 0.0052, 0.0056, 0.0052)]
     assert levelled_off(history, 10_000, 3) == "last 3 epochs: mean test error 0.53%, 52-56 test errors of 10,000"
     assert levelled_off(history[:2], 10_000, 10).startswith("last 2 epochs: mean test error 0.80%, 60-100 ")
+
+
+def test_the_levelled_off_mean_takes_the_last_fifth_of_a_run_by_default() -> None:
+    assert [default_last(n) for n in (1, 4, 5, 15, 30, 50, 60, 200)] == [1, 1, 1, 3, 6, 10, 10, 10]
 
 
 def test_table_shows_the_checkpoint_epochs_only() -> None:
@@ -67,7 +71,9 @@ def test_probe_with_a_weight_average_reports_the_trained_weights_beside_it(capsy
 def test_probe_with_a_fading_augmentation_prints_its_strength(capsys) -> None:
     assert main(["--config", "smoke", "--epochs", "2", "--set", "train.augment.rotation=10",
                  "--set", "train.augment.anneal=0.5"]) == 0
-    strengths = re.findall(r"^epoch +\d+ .* augmentation ([0-9.]+) ", capsys.readouterr().out, re.M)
+    out = capsys.readouterr().out
+    strengths = re.findall(r"^epoch +\d+ .* augmentation ([0-9.]+) ", out, re.M)
     assert strengths == ["1.00", "0.00"]
+    assert "; last 1 epochs: mean test error " in out  # no --last: a fifth of the 2 epochs, at least 1
     assert main(["--config", "smoke", "--epochs", "1", "--set", "train.augment.anneal=0.5"]) == 0
     assert " augmentation " not in capsys.readouterr().out  # nothing to fade without an augmentation

@@ -1,9 +1,11 @@
-"""What the class token looks at: per-head attention of the last block and attention rollout across blocks.
+"""What the classifier's input looks at: per-head attention of the last block and attention rollout across blocks.
 
 Rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", 2020): per block, average the heads,
 add the identity for the residual connection and renormalise the rows; multiply the blocks' matrices, the last
 block on the left. Row 0 of the product, over the patch columns, says how much of the class token's final state
-traces back to each patch of the input.
+traces back to each patch of the input. A model without a class token (``model.pool: mean``) classifies the mean of
+its patch tokens, so its maps are the rows' mean: the attention the average token pays, in the last block or
+traced back through all of them.
 """
 
 from __future__ import annotations
@@ -37,10 +39,18 @@ def class_token_attention(attn: Tensor) -> Tensor:
     return attn[:, :, 0, 1:]
 
 
+def pooled_attention(attn: Tensor, pool: str) -> Tensor:
+    """What the head's input attends to in a map over tokens, (B, [heads,] T, T) -> (B, [heads,] patches): the class
+    token's row over the patches (``pool: cls``, see ``class_token_attention``) or the mean of all rows
+    (``pool: mean``, where every patch token feeds the head equally)."""
+    return attn[..., 0, 1:] if pool == "cls" else attn.mean(dim=-2)
+
+
 @dataclass
 class AttentionSummary:
     """For each image: the last block's class-token attention per head over the patch grid (B, heads, g, g),
-    the class-token rollout over the patch grid (B, g, g), and the model's predicted digit (B,)."""
+    the class-token rollout over the patch grid (B, g, g), and the model's predicted digit (B,); for a model without
+    a class token (``model.pool: mean``), the same of the average patch token (``pooled_attention``)."""
 
     last_block: Tensor
     rollout: Tensor
@@ -65,7 +75,7 @@ def summarize(model: ViT, pixels: Tensor) -> AttentionSummary:
         model.train(was_training)
     grid = int(round(model.num_patches ** 0.5))
     b = pixels.shape[0]
-    last = class_token_attention(maps[-1]).reshape(b, -1, grid, grid)
-    rolled = rollout(maps)[:, 0, 1:].reshape(b, grid, grid)
+    last = pooled_attention(maps[-1], model.cfg.pool).reshape(b, -1, grid, grid)
+    rolled = pooled_attention(rollout(maps), model.cfg.pool).reshape(b, grid, grid)
     return AttentionSummary(last_block=last.float().cpu(), rollout=rolled.float().cpu(),
                             predictions=predictions.cpu())

@@ -179,7 +179,8 @@ def stacked_forward(template: ViT, params: dict[str, Tensor], pixels: Tensor, *,
         x = _conv_stem(template.stem, params, x.view(k, b, *x.shape[1:]))
     else:
         x = linear(patchify(x, cfg.patch_size).view(k, b, template.num_patches, -1), "patch_embed")
-    x = torch.cat([params["cls_token"].view(k, 1, 1, cfg.dim).expand(k, b, 1, cfg.dim), x], dim=2)
+    if cfg.pool == "cls":
+        x = torch.cat([params["cls_token"].view(k, 1, 1, cfg.dim).expand(k, b, 1, cfg.dim), x], dim=2)
     pos = params["pos_embed"] if "pos_embed" in params else template.pos_embed  # learned (k, 1, T, d) or fixed
     x = template.dropout(x + pos)
     tokens, heads = x.shape[2], cfg.heads
@@ -199,7 +200,9 @@ def stacked_forward(template: ViT, params: dict[str, Tensor], pixels: Tensor, *,
         x = x + attended
         hidden = block.mlp[2](block.mlp[1](linear(norm(x, f"{name}.norm2", block.norm2), f"{name}.mlp.0")))
         x = x + block.mlp[4](linear(hidden, f"{name}.mlp.3"))
-    return linear(norm(x[:, :, 0], "norm", template.norm), "head")
+    if cfg.pool == "cls":
+        return linear(norm(x[:, :, 0], "norm", template.norm), "head")
+    return linear(norm(x, "norm", template.norm).mean(dim=2), "head")
 
 
 def _stack_eval_sets(eval_sets: Sequence[dict[str, tuple[Tensor, Tensor]]], device: torch.device

@@ -100,6 +100,10 @@ class ModelConfig(_Strict):
         "stride-1 convolution and a 3x3 stride-2 max-pool (compact convolutional transformers, Hassani et al. 2021)")
     stem_channels: int = Field(32, gt=0, description="conv stem: channels of its first convolution, doubling in "
                                                      "each further one")
+    pool: Literal["cls", "mean"] = Field(
+        "cls", description="what the classifier head reads: 'cls', a learned class token prepended to the patch tokens "
+        "(ViT); 'mean', the mean of the patch tokens after the last block and its LayerNorm, with no class token "
+        "(global average pooling, as in Beyer et al. 2022's plain ViT baselines)")
 
     @model_validator(mode="after")
     def _divisibility(self) -> "ModelConfig":

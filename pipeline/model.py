@@ -115,11 +115,13 @@ class ViT(nn.Module):
             self.stem = conv_stem(cfg)
         else:
             self.patch_embed = nn.Linear(patch_dim, cfg.dim)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02)
+        if cfg.pool == "cls":
+            self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02)
+        positions = self.num_patches + (cfg.pool == "cls")
         if cfg.pos_embedding == "learned":
-            self.pos_embed = nn.Parameter(torch.randn(1, self.num_patches + 1, cfg.dim) * 0.02)
+            self.pos_embed = nn.Parameter(torch.randn(1, positions, cfg.dim) * 0.02)
         else:
-            table = sinusoidal_embedding(self.num_patches + 1, cfg.dim, cfg.pos_base)
+            table = sinusoidal_embedding(positions, cfg.dim, cfg.pos_base)
             self.register_buffer("pos_embed", table.unsqueeze(0), persistent=False)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
@@ -128,20 +130,24 @@ class ViT(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
 
     def tokens(self, pixels: Tensor) -> Tensor:
-        """Patch embeddings with the class token prepended and positions added: (B, 1 + patches, dim)."""
+        """Patch embeddings with positions added, the class token first with ``model.pool: cls``:
+        (B, 1 + patches, dim), else (B, patches, dim)."""
         x = (pixels - self.pixel_mean) / self.pixel_std
         if self.cfg.stem != "patch":
             x = self.stem(x).flatten(2).transpose(1, 2)  # (B, dim, h, w) -> (B, h * w, dim), row-major as patchify
         else:
             x = self.patch_embed(patchify(x, self.cfg.patch_size))
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.cfg.pool == "cls":
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.dropout(x + self.pos_embed)
 
     def forward(self, pixels: Tensor) -> Tensor:
         x = self.tokens(pixels)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x[:, 0]))
+        if self.cfg.pool == "cls":
+            return self.head(self.norm(x[:, 0]))
+        return self.head(self.norm(x).mean(dim=1))
 
     @torch.no_grad()
     def attention_maps(self, pixels: Tensor) -> list[Tensor]:

@@ -141,9 +141,10 @@ def misclassified(images: np.ndarray, true: np.ndarray, probabilities: np.ndarra
 
 
 def attention_maps(images: np.ndarray, labels: Sequence[int], predictions: Sequence[int], last_block: np.ndarray,
-                   rollout: np.ndarray, title: str) -> Figure:
+                   rollout: np.ndarray, title: str, pool: str = "cls") -> Figure:
     """Where the class token looks, overlaid on sample digits (one column per image): the last block's
-    class-token attention over the patch grid for each head, then the attention rollout across all blocks.
+    class-token attention over the patch grid for each head, then the attention rollout across all blocks. With
+    ``pool="mean"`` (a model that classifies the mean of its patch tokens) the maps are the average token's.
 
     ``images``: (N, 28, 28) or (N, 1, 28, 28); ``last_block``: (N, heads, g, g); ``rollout``: (N, g, g).
     Each map is scaled to its own maximum (the colour says where, not how much in absolute terms).
@@ -173,7 +174,8 @@ def attention_maps(images: np.ndarray, labels: Sequence[int], predictions: Seque
         axes[0, col].set_title(f"digit {labels[col]}\npredicted {predictions[col]}", fontsize=10,
                                color="#b00020" if wrong else "black")
     grid = rollout.shape[-1]
-    fig.suptitle(f"{title}: class-token attention over the {grid}x{grid} patch grid (bright = more attention; "
+    whose = "class-token" if pool == "cls" else "average-token"
+    fig.suptitle(f"{title}: {whose} attention over the {grid}x{grid} patch grid (bright = more attention; "
                  f"each map scaled to its own maximum)", fontsize=11)
     return fig
 

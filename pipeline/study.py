@@ -438,13 +438,15 @@ def one_per_class(labels: Tensor, classes: int = 10) -> list[int]:
 
 
 def log_attention(study: Study, model: torch.nn.Module, run_id: str) -> None:
-    """Class-token attention (last block per head, rollout across blocks) on one test digit of each class."""
+    """Class-token attention (last block per head, rollout across blocks) on one test digit of each class; the
+    average token's for a model without a class token (``model.pool: mean``)."""
     index = one_per_class(study.data.test_labels, model.cfg.num_classes)
     images = study.data.test_images[index]
     maps = attention.summarize(model, to_pixels(images))
     figure = plots.attention_maps(images.numpy(), study.data.test_labels[index].tolist(), maps.predictions.tolist(),
                                   maps.last_block.numpy(), maps.rollout.numpy(),
-                                  f"Attention of the final model ({study.selected}), one test digit per class")
+                                  f"Attention of the final model ({study.selected}), one test digit per class",
+                                  pool=model.cfg.pool)
     study.tracker.log_figure(run_id, figure, "figures/attention.png")
 
 

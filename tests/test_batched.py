@@ -63,7 +63,8 @@ def assert_same_training(expected, got, x, folds):
                 input_std=0.3081),
     ModelConfig(dim=16, heads=2, depth=1, mlp_hidden=16, stem="conv", stem_channels=4, pos_embedding="learned"),
     ModelConfig(dim=16, heads=2, depth=1, mlp_hidden=16, stem="conv-pool", stem_channels=4),
-], ids=["seed-like", "out-proj-learned-positions", "patch-7", "conv-stem", "conv-pool-stem"])
+    ModelConfig(dim=16, heads=2, depth=2, mlp_hidden=16, pool="mean", pos_embedding="learned"),
+], ids=["seed-like", "out-proj-learned-positions", "patch-7", "conv-stem", "conv-pool-stem", "mean-pool"])
 def test_stacked_forward_is_each_models_forward(cfg, mnist):
     """The batched-weights forward of k models equals ViT.forward with each model's own weights, and so do the
     gradients it gives each model's weights."""

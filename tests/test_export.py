@@ -60,6 +60,21 @@ def test_a_killed_exports_temporary_file_is_removed_by_the_next_export(trained, 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([young.name, other.name, "vit.onnx"])
 
 
+def test_mean_pool_exports_with_parity(mnist, tmp_path):
+    """model.pool=mean: the head reads the mean of the patch tokens; the ONNX file gives PyTorch's logits."""
+    from pipeline.model import build_model
+
+    model = build_model(ModelConfig(dim=16, depth=2, pool="mean", pos_embedding="learned"), seed=0).eval()
+    path = tmp_path / "mean.onnx"
+    figures = export_onnx(model, path, to_pixels(mnist.test_images[:64]))
+    assert figures["parity_max_abs_diff"] <= 1e-4
+    pixels = to_pixels(mnist.test_images[:32])
+    with torch.inference_mode():
+        expected = model(pixels).numpy()
+    got = OnnxClassifier(path, device="cpu").logits(pixels.numpy())
+    assert abs(got - expected).max() <= 1e-4
+
+
 @pytest.mark.parametrize("stem, pools", [("conv", 0), ("conv-pool", 2)])
 def test_conv_stem_exports_with_parity_and_quantizes(mnist, tmp_path, stem, pools):
     """model.stem=conv / conv-pool: the stem's convolutions (and max-pools) are ONNX Conv (MaxPool) nodes; parity

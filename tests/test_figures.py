@@ -141,6 +141,24 @@ def test_attention_and_rollout_rows_sum_to_one(study_run):
     torch.testing.assert_close(cls_last.sum(-1) + maps[-1][:, :, 0, 0], torch.ones(16, model.cfg.heads))
 
 
+def test_mean_pool_maps_are_the_average_tokens(study_run):
+    """model.pool=mean has no class token: its maps are the mean of the attention rows (what the pooled token
+    draws on), over all 49 patches, so the last block's and the rollout's each sum to 1; the figure says whose."""
+    model = build_model(ModelConfig(depth=2, pool="mean"), seed=2)
+    images = study_run["study"].data.test_images[:4]
+    pixels = to_pixels(images)
+    maps = model.eval().attention_maps(pixels)
+    summary = attention.summarize(model, pixels)
+    assert summary.last_block.shape == (4, 2, 7, 7) and summary.rollout.shape == (4, 7, 7)
+    torch.testing.assert_close(summary.last_block.flatten(2), maps[-1].mean(dim=2))
+    torch.testing.assert_close(summary.rollout.flatten(1), attention.rollout(maps).mean(dim=1))
+    torch.testing.assert_close(summary.rollout.sum((1, 2)), torch.ones(4))
+    torch.testing.assert_close(summary.last_block.sum((2, 3)), torch.ones(4, 2))
+    figure = plots.attention_maps(images.numpy(), list(range(4)), summary.predictions.tolist(),
+                                  summary.last_block.numpy(), summary.rollout.numpy(), "attention", pool="mean")
+    assert "average-token attention" in figure._suptitle.get_text()
+
+
 def test_rollout_equals_naive_reference(study_run):
     model = build_model(ModelConfig(depth=3), seed=3).eval()
     maps = model.attention_maps(to_pixels(study_run["study"].data.test_images[:2]))

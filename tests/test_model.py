@@ -131,3 +131,24 @@ def test_conv_pool_stem_has_the_conv_stems_weights_and_grid():
     images = torch.rand(1, 1, 28, 28)
     assert model.tokens(images).shape == (1, 50, 16)
     assert_patch_reaches_nearby_tokens(model, images, (1, 1), size=2, reach=2)
+
+
+@pytest.mark.parametrize("pos_embedding", ["learned", "sinusoidal"])
+def test_mean_pool_classifies_the_mean_patch_token_without_a_class_token(pos_embedding):
+    """model.pool=mean: no class token (and no position for one); the head reads the mean over the 49 patch tokens of
+    the last block's output after the final LayerNorm, so the same weights give the logits computed by hand."""
+    cfg = ModelConfig(dim=16, heads=2, depth=2, mlp_hidden=24, pos_embedding=pos_embedding, pool="mean")
+    model = build_model(cfg, seed=0).eval()
+    cls = build_model(cfg.model_copy(update={"pool": "cls"}), seed=0)
+    assert not hasattr(model, "cls_token") and hasattr(cls, "cls_token")
+    fewer = 16 + (16 if pos_embedding == "learned" else 0)  # the class token, and its learned position
+    assert count_parameters(cls) - count_parameters(model) == fewer
+    images = torch.rand(3, 1, 28, 28)
+    tokens = model.tokens(images)
+    assert tokens.shape == (3, 49, 16)
+    x = tokens
+    for block in model.blocks:
+        x = block(x)
+    expected = model.head(torch.stack([model.norm(x[:, t]) for t in range(49)], dim=1).sum(dim=1) / 49)
+    torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-6)
+    assert [m.shape for m in model.attention_maps(images)] == [(3, 2, 49, 49)] * 2

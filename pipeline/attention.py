@@ -33,17 +33,17 @@ def rollout(maps: Sequence[Tensor]) -> Tensor:
 
 
 def class_token_attention(attn: Tensor) -> Tensor:
-    """The class token's attention to each patch in one block's map (B, heads, T, T): (B, heads, T - 1).
+    """The class token's attention to each patch in a map (B, [heads,] T, T): (B, [heads,] T - 1).
 
     The class token's attention to itself is left out, so a row sums to 1 minus that share."""
-    return attn[:, :, 0, 1:]
+    return attn[..., 0, 1:]
 
 
 def pooled_attention(attn: Tensor, pool: str) -> Tensor:
     """What the head's input attends to in a map over tokens, (B, [heads,] T, T) -> (B, [heads,] patches): the class
     token's row over the patches (``pool: cls``, see ``class_token_attention``) or the mean of all rows
     (``pool: mean``, where every patch token feeds the head equally)."""
-    return attn[..., 0, 1:] if pool == "cls" else attn.mean(dim=-2)
+    return class_token_attention(attn) if pool == "cls" else attn.mean(dim=-2)
 
 
 @dataclass

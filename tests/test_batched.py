@@ -64,7 +64,10 @@ def assert_same_training(expected, got, x, folds):
     ModelConfig(dim=16, heads=2, depth=1, mlp_hidden=16, stem="conv", stem_channels=4, pos_embedding="learned"),
     ModelConfig(dim=16, heads=2, depth=1, mlp_hidden=16, stem="conv-pool", stem_channels=4),
     ModelConfig(dim=16, heads=2, depth=2, mlp_hidden=16, pool="mean", pos_embedding="learned"),
-], ids=["seed-like", "out-proj-learned-positions", "patch-7", "conv-stem", "conv-pool-stem", "mean-pool"])
+    ModelConfig(dim=16, heads=2, depth=2, mlp_hidden=48, stem="conv-pool", stem_channels=4, pool="mean",
+                pos_embedding="learned", attn_out_proj=True),
+], ids=["seed-like", "out-proj-learned-positions", "patch-7", "conv-stem", "conv-pool-stem", "mean-pool",
+        "strong-like"])
 def test_stacked_forward_is_each_models_forward(cfg, mnist):
     """The batched-weights forward of k models equals ViT.forward with each model's own weights, and so do the
     gradients it gives each model's weights."""
@@ -95,12 +98,19 @@ def test_batched_folds_equal_sequential_fits(subset):
     assert all(type(r.model).__name__ == "ViT" and not r.model.training for r in got)
 
 
-@pytest.mark.parametrize("stem", ["conv", "conv-pool"])
-def test_conv_stem_folds_batched_equal_sequential_fits(subset, stem):
+@pytest.mark.parametrize("stem,pool", [("conv", "cls"), ("conv-pool", "cls"), ("conv", "mean")])
+def test_conv_stem_folds_batched_equal_sequential_fits(subset, stem, pool):
     """The conv stems' grouped convolutions (one per layer for all k folds) train each fold as fit trains it, eagerly
-    and on the CUDA-graph path rehearsed on the CPU (the strong preset's CV and retraining on a GPU)."""
+    and on the CUDA-graph path rehearsed on the CPU (the strong preset's CV and retraining on a GPU: conv stems,
+    mean pooling).
+
+    The preset's own pairing, max-pooled stem and mean pooling, is not compared over whole epochs here: there the
+    max-pool's choice among near-equal activations flips with the last bit of the convolution's rounding, and the
+    stem's weights drift apart by ~1e-4 in 2 epochs (fit against itself with 1 and with 2 threads: 2.8e-4; batched
+    against fit: 2.2e-4), beyond this test's 1e-5. Its forward and gradients are compared step-wise in
+    test_stacked_forward_is_each_models_forward."""
     x, y, folds = subset
-    model = MODEL.model_copy(update={"stem": stem, "stem_channels": 4})
+    model = MODEL.model_copy(update={"stem": stem, "stem_channels": 4, "pool": pool})
     cfg = TrainConfig(epochs=1, batch_size=128, device="cpu", optimizer="adamw", weight_decay=0.05, grad_clip=1.0)
     expected = sequential(cfg, x, y, folds, model)
     assert_same_training(expected, fit_folds(model, cfg, x, y, folds, SEEDS, progress=False), x, folds)

@@ -10,12 +10,13 @@ downloads exactly the resolved versions (``pip download --no-deps``).
 
 A device call carries at most 64 MiB: wheels, MNIST (.mnist/, ~9 MiB) and the checkout together, and the complete
 set is over 250 MB. So unless ``--complete``, the folder holds what the GPU check needs and the GPU machine lacks:
-left out are the distributions its image already has (GPU_IMAGE_HAS, pytest among them), the scale-out
-dependencies (SCALE_OUT and what only they need; the GPU check runs the local runner on SQLite, and flows/ imports
-them only for ``--runner dask`` and PostgreSQL), and NOT_IMPORTED. That is ~53 MiB; the script prints what a
-device call would carry. Wheels already in the folder that are not in the resolved set are removed: two wheels
-of one package stop ``pip install --no-deps``. bench/gpu_check.sh installs only the wheels whose distribution the
-machine lacks, so an out-of-date GPU_IMAGE_HAS costs size, not correctness.
+left out are the distributions its image already has (GPU_IMAGE_HAS, pytest among them), the scale-out dependencies
+(SCALE_OUT and what only they need; the GPU check runs the local runner on SQLite, and flows/ imports them only for
+``--runner dask`` and PostgreSQL), NOT_IMPORTED, and any wheel whose every file another wheel of the set already
+holds, byte for byte (``redundant``: mlflow's wheel holds all of mlflow-skinny and mlflow-tracing, ~6 MiB). That is
+~48 MiB; the script prints what a device call would carry. Wheels already in the folder that are not in the resolved
+set are removed: two wheels of one package stop ``pip install --no-deps``. bench/gpu_check.sh installs only the
+wheels whose distribution the machine lacks, so an out-of-date GPU_IMAGE_HAS costs size, not correctness.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import tomllib
+import zipfile
 from pathlib import Path
 
 from packaging.utils import canonicalize_name
@@ -85,6 +87,26 @@ def resolve(reqs: list[str]) -> dict[str, str]:
     return {canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"] for item in install}
 
 
+def redundant(wheels: list[Path]) -> dict[Path, Path]:
+    """{wheel: the wheel that holds it}: each wheel whose files, its .dist-info aside, another kept wheel has too,
+    with the same bytes (same size and CRC-32), so installing both writes those files twice. The holder is kept,
+    and the left-out distribution's metadata is all that goes missing."""
+
+    def files(wheel: Path) -> dict[str, tuple[int, int]]:
+        with zipfile.ZipFile(wheel) as archive:
+            return {info.filename: (info.file_size, info.CRC) for info in archive.infolist()
+                    if not info.is_dir() and ".dist-info/" not in info.filename}
+
+    contents = {wheel: files(wheel) for wheel in sorted(wheels)}
+    held: dict[Path, Path] = {}
+    for wheel, own in sorted(contents.items(), key=lambda item: len(item[1])):  # smallest first
+        holder = next((other for other, theirs in contents.items() if other != wheel and other not in held
+                       and len(theirs) > len(own) and own.items() <= theirs.items()), None)
+        if own and holder is not None:
+            held[wheel] = holder
+    return held
+
+
 def pack_mnist(dest: Path) -> None:
     """The four raw MNIST files, verified, as ``dest/<name>.xz`` (kept when already there and complete)."""
     sys.path.insert(0, str(ROOT))
@@ -128,10 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *TARGET, "-d", tmp,
                         *(f"{name}=={version}" for name, version in sorted(wanted.items()))], check=True)
         fresh = {wheel.name: wheel for wheel in Path(tmp).glob("*.whl")}
+        if not args.complete:
+            for wheel, holder in redundant(list(fresh.values())).items():
+                del fresh[wheel.name]
+                print(f"left out {wheel.name}: {holder.name} holds every file of it")
         for wheel in args.dest.glob("*.whl"):  # one wheel per distribution: two stop `pip install --no-deps`
             if wheel.name not in fresh:
                 wheel.unlink()
-                print(f"removed {wheel.name} (not in the resolved set)")
+                print(f"removed {wheel.name} (no longer wanted)")
         for name, wheel in fresh.items():
             wheel.replace(args.dest / name)
     wheels = sorted(args.dest.glob("*.whl"))

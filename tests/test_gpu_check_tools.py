@@ -1,4 +1,5 @@
-"""bench/gpu_check.sh's helpers: the strong-tuned stage's epoch plan and the verdict read from a check's output."""
+"""bench/gpu_check.sh's helpers: the strong-tuned stage's epoch plan, the verdict read from a check's output, and
+the wheelhouse's pruning of wheels another wheel already holds."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 
 from bench.gpu_check_tune import plan
 from bench.gpu_verdict import verdict
+from bench.wheelhouse import redundant
 
 
 def test_plan_fills_the_time_target_with_measured_epochs() -> None:
@@ -98,3 +100,28 @@ def test_tune_reads_the_epochs_a_budgeted_run_trained(tmp_path, capsys) -> None:
     out = capsys.readouterr()
     # 300 s x 0.92 = 276 s, 400 - 180 = 220 s besides the retraining: (276 - 220) / 3.0 -> 18 (with 0.9 s: 62)
     assert out.out.strip() == "18" and "3.00 s per retraining epoch" in out.err
+
+
+def _wheel(path, files: dict[str, bytes]):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return path
+
+
+def test_wheelhouse_leaves_out_a_wheel_only_when_another_holds_every_file_byte_for_byte(tmp_path) -> None:
+    """mlflow's wheel holds all of mlflow-skinny's files: skinny need not travel. A wheel with one file that differs
+    in its bytes (or is missing from the bigger one) is kept; the .dist-info folders never count."""
+    code = {"pkg/__init__.py": b"x = 1\n", "pkg/store.py": b"y = 2\n"}
+    full = _wheel(tmp_path / "pkg-1.0-py3-none-any.whl",
+                  {**code, "pkg/server/ui.js": b"ui", "pkg-1.0.dist-info/METADATA": b"Name: pkg"})
+    skinny = _wheel(tmp_path / "pkg_skinny-1.0-py3-none-any.whl", {**code, "pkg_skinny-1.0.dist-info/METADATA": b"s"})
+    patched = _wheel(tmp_path / "pkg_patched-1.0-py3-none-any.whl", {**code, "pkg/store.py": b"y = 3\n"})
+    extra = _wheel(tmp_path / "pkg_extra-1.0-py3-none-any.whl", {**code, "pkg/extra.py": b"z"})
+    other = _wheel(tmp_path / "other-1.0-py3-none-any.whl", {"other/__init__.py": b""})
+    held = redundant([full, skinny, patched, extra, other])
+    assert set(held) == {skinny} and held[skinny] in {full, extra}  # both hold skinny's two files
+    twin = _wheel(tmp_path / "twin-1.0-py3-none-any.whl", dict(code))
+    assert redundant([skinny, twin]) == {}  # same files, neither bigger: both stay

@@ -39,6 +39,15 @@ def assert_same_training(expected, got, x, folds):
     The attention's key bias is compared through the outputs only: its gradient is zero in exact arithmetic (a
     constant added to every key of a row leaves the softmax unchanged), and Adam turns the rounding noise there
     into steps of size lr, so two float-equal trainings differ in it without any effect on what the model computes.
+
+    The other weights: all but at most 1 in 200 within 1e-5, and every one within 1e-4 (a fiftieth of one Adam
+    step at the default lr). Adam does the same, more weakly, to any weight whose true gradient is near zero: a key
+    weight's gradient carries the term (sum of the key gradients over tokens) x (the layer norm's bias), zero in
+    exact arithmetic; a hidden unit may hardly ever fire. The batched step rounds differently from fit's (batched
+    products, padded last batches), and on one CPU (AMD EPYC, 2026-12-04) one key-weight row drifted to 1.4e-5 in 2
+    epochs, and with other augmentation draws one hidden unit's weights to 2.2e-5, while the other folds' weights
+    stayed within 2.4e-7, as close as fit is to itself on 1 and 2 threads. A wrong step (its learning rate, its
+    batch, a loss scale) moves most weights by far more than 1e-5.
     """
     assert len(expected) == len(got)
     for a, b, (_, val) in zip(expected, got, folds):
@@ -46,11 +55,16 @@ def assert_same_training(expected, got, x, folds):
         for ma, mb in zip(a.history, b.history):
             for key in ma.keys() - {"epoch_seconds"}:
                 assert mb[key] == pytest.approx(ma[key], abs=1e-4), key
+        gaps = {}
         for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
             if name.endswith("attn.qkv.bias"):
                 dim = len(p) // 3
                 p, q = torch.cat([p[:dim], p[2 * dim:]]), torch.cat([q[:dim], q[2 * dim:]])
-            assert torch.allclose(p, q, rtol=0, atol=1e-5), (name, (p - q).abs().max().item())
+            gaps[name] = (p - q).detach().abs().flatten()
+        worst = max(gaps, key=lambda name: gaps[name].max())
+        assert gaps[worst].max() <= 1e-4, (worst, gaps[worst].max().item())
+        apart = {name: int((gap > 1e-5).sum()) for name, gap in gaps.items() if (gap > 1e-5).any()}
+        assert sum(apart.values()) <= sum(map(len, gaps.values())) // 200, apart
         images = x[val]
         assert torch.allclose(predict_logits(a.model, images, 4096, torch.device("cpu")),
                               predict_logits(b.model, images, 4096, torch.device("cpu")), rtol=0, atol=1e-4)
@@ -107,7 +121,7 @@ def test_conv_stem_folds_batched_equal_sequential_fits(subset, stem, pool):
     The preset's own pairing, max-pooled stem and mean pooling, is not compared over whole epochs here: there the
     max-pool's choice among near-equal activations flips with the last bit of the convolution's rounding, and the
     stem's weights drift apart by 2-3e-4 in 2 epochs (fit against itself with 1 and with 2 threads: 2.8e-4; batched
-    against fit: 2.2e-4), beyond this test's 1e-5. Its forward and gradients are compared step-wise in
+    against fit: 2.2e-4), beyond this test's 1e-4. Its forward and gradients are compared step-wise in
     test_stacked_forward_is_each_models_forward."""
     x, y, folds = subset
     model = MODEL.model_copy(update={"stem": stem, "stem_channels": 4, "pool": pool})
@@ -267,8 +281,10 @@ def test_weight_average_folds_batched_equal_sequential_fits(subset, graph):
     for averaged, trained in zip(expected, plain):  # the raw figures are the training without an average
         for a, b in zip(averaged.history, trained.history):
             assert a["val_error_raw"] == pytest.approx(b["val_error"], abs=1e-4)
-        gap = max((p - q).abs().max().item() for p, q in zip(averaged.model.parameters(), trained.model.parameters()))
-        assert gap > 1e-4  # the delivered model is the average (10x the equality tolerance), not the trained weights
+        gaps = torch.cat([(p - q).detach().abs().flatten()
+                          for p, q in zip(averaged.model.parameters(), trained.model.parameters())])
+        # the delivered model is the average, not the trained weights: apart by more than assert_same_training allows
+        assert gaps.max() > 1e-4 and int((gaps > 1e-5).sum()) > len(gaps) // 200
 
 
 FADING = AugmentConfig(rotation=15, translate=0.1, scale=(0.9, 1.1), elastic_alpha=20, erasing=0.3, anneal=0.6)

@@ -88,9 +88,10 @@ def resolve(reqs: list[str]) -> dict[str, str]:
 
 
 def redundant(wheels: list[Path]) -> dict[Path, Path]:
-    """{wheel: the wheel that holds it}: each wheel whose files, its .dist-info aside, another kept wheel has too,
-    with the same bytes (same size and CRC-32), so installing both writes those files twice. The holder is kept,
-    and the left-out distribution's metadata is all that goes missing."""
+    """{wheel: the wheel that holds it}: each wheel whose files, its .dist-info aside, a larger wheel of the set has
+    too, with the same bytes (same size and CRC-32), so installing both writes those files twice. A holder left out
+    in turn has a larger holder of its own, so the files still come; the left-out distributions' metadata is all
+    that goes missing."""
 
     def files(wheel: Path) -> dict[str, tuple[int, int]]:
         with zipfile.ZipFile(wheel) as archive:
@@ -99,9 +100,9 @@ def redundant(wheels: list[Path]) -> dict[Path, Path]:
 
     contents = {wheel: files(wheel) for wheel in sorted(wheels)}
     held: dict[Path, Path] = {}
-    for wheel, own in sorted(contents.items(), key=lambda item: len(item[1])):  # smallest first
-        holder = next((other for other, theirs in contents.items() if other != wheel and other not in held
-                       and len(theirs) > len(own) and own.items() <= theirs.items()), None)
+    for wheel, own in contents.items():
+        holder = next((other for other, theirs in contents.items()
+                       if len(theirs) > len(own) and own.items() <= theirs.items()), None)
         if own and holder is not None:
             held[wheel] = holder
     return held

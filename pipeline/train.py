@@ -173,13 +173,16 @@ class EpochPlan:
     def epochs(self) -> int:
         return self.cfg.epochs
 
-    def replan(self, done: int, elapsed_s: float) -> TrainConfig | None:
-        """Call at the same point of every epoch (after its evaluation) with the seconds since the run started."""
+    def replan(self, done: int, elapsed_s: float, one_off_s: float = 0.0) -> TrainConfig | None:
+        """Call at the same point of every epoch (after its evaluation) with the seconds since the run started;
+        ``one_off_s``: how many of them, after the first epoch, went to work that does not recur every epoch (the
+        caller's own rebuilding of a schedule after an earlier plan). They count against the limit, not in the
+        pace: otherwise a plan's own cost would read as a slower machine and cut the count again."""
         if done == 1:
             self.first_end = elapsed_s
         if self.limit is None or done < PLAN_AFTER_EPOCHS or self.cfg.epochs <= done:
             return None
-        pace = (elapsed_s - self.first_end) / (done - 1)  # s per epoch after the first (at the plan: epoch 2's)
+        pace = (elapsed_s - one_off_s - self.first_end) / (done - 1)  # s per epoch after the first
         if done == PLAN_AFTER_EPOCHS:
             n = epochs_within(self.limit, self.cfg.epochs, done, elapsed_s, pace)
             why = (f"{self.desc}: {n} of {self.cfg.epochs} epochs fit the time limit of {self.limit:.0f} s "

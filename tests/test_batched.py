@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-from pipeline.batched import fit_folds, graph_wanted, stacked_forward, train_stacked
+from pipeline.batched import (BETA1, BETA2, _linear, _split_k, _step_table, _StepTable, fit_folds, graph_wanted,
+                              stacked_forward, train_stacked)
 from pipeline.config import AugmentConfig, ModelConfig, TrainConfig
 from pipeline.data import stratified_folds
 from pipeline.model import build_model
-from pipeline.train import TrainingAborted, TrainingDiverged, fit, predict_logits, to_pixels
+from pipeline.train import (TrainingAborted, TrainingDiverged, augment_strength, ema_weight, fit, lr_factor,
+                            predict_logits, to_pixels)
 
 SEEDS = [1000, 2000, 3000]
 MODEL = ModelConfig(depth=2, mlp_hidden=16, pos_base=100)
@@ -112,6 +114,18 @@ def test_batched_folds_equal_sequential_fits(subset):
     assert [(f, e) for f, e, _ in seen] == [(f, e) for e in (1, 2) for f in range(3)]
     assert [v for f, e, v in seen if e == 2] == [r.final["val_error"] for r in got]
     assert all(type(r.model).__name__ == "ViT" and not r.model.training for r in got)
+
+
+def test_split_k_folds_batched_equal_sequential_fits(subset, monkeypatch):
+    """The split-K weight gradients that train on CUDA in float32, forced on the CPU: each fold trains as fit does."""
+    from pipeline import batched
+
+    plain = batched._linear
+    monkeypatch.setattr(batched, "_linear", lambda x, weight, bias: plain(x, weight, bias, split_k=True))
+    x, y, folds = subset
+    cfg = TrainConfig(epochs=2, batch_size=128, device="cpu")
+    got = fit_folds(MODEL, cfg, x, y, folds, SEEDS, progress=False)
+    assert_same_training(sequential(cfg, x, y, folds), got, x, folds)
 
 
 @pytest.mark.parametrize("stem,pool", [("conv", "cls"), ("conv-pool", "cls"), ("conv", "mean")])
@@ -228,6 +242,64 @@ def test_cuda_graph_is_wanted_unless_dropout_or_compile():
     assert not graph_wanted(plain.model_copy(update={"compile": "default"}), MODEL, cuda)
     assert graph_wanted(plain.model_copy(update={"augment": AugmentConfig(rotation=10)}), MODEL, cuda)
     assert not graph_wanted(plain, MODEL.model_copy(update={"dropout": 0.1}), cuda)
+
+
+def test_split_k_linear_has_autograds_gradients():
+    """The stacked linear layer with its split-K weight gradient (what trains on CUDA in float32): float64 gradcheck,
+    and float32 gradients equal to the plain batched product's, with and without bias."""
+    assert (_split_k(128 * 50), _split_k(6272), _split_k(96), _split_k(128 * 49 + 1)) == (32, 32, 1, 1)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 64, 5, dtype=torch.float64, generator=generator, requires_grad=True)  # 256 rows: 4 chunks
+    weight = torch.randn(3, 7, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(3, 7, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: _linear(*a, split_k=True), (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda *a: _linear(*a, None, split_k=True), (x, weight))
+    for with_bias in (True, False):
+        inputs = [t.detach().float().requires_grad_() for t in (x, weight, bias)]
+        grads = []
+        for split in (True, False):
+            out = _linear(inputs[0], inputs[1], inputs[2] if with_bias else None, split_k=split)
+            grads.append(torch.autograd.grad((out * out).sum(), inputs[:3 if with_bias else 2]))
+        for got, expected in zip(*grads):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def reference_step_table(cfg, steps):
+    """The step table's definition, row by row: (rows, k) per constant, as torch.optim.Adam / AdamW compute them."""
+    factors, fading = [lr_factor(cfg, n) for n in steps], [augment_strength(cfg, n) for n in steps]
+    rows = {name: [] for name in _StepTable.__dataclass_fields__}
+    for epoch in range(cfg.epochs):
+        for step in range(max(steps)):
+            for name in rows:
+                rows[name].append([])
+            for fold, n in enumerate(steps):
+                active, done = step < n, epoch * n + min(step, n - 1)
+                lr, t = cfg.lr * factors[fold](done), done + 1
+                for name, value in {"neg_step_size": -lr / (1 - BETA1**t) if active else 0.0,
+                                    "bias2_sqrt": (1 - BETA2**t) ** 0.5,
+                                    "decay": 1 - lr * cfg.weight_decay if active and cfg.optimizer == "adamw" else 1,
+                                    "w1": 1 - BETA1 if active else 0.0, "b2": BETA2 if active else 1.0,
+                                    "w2": 1 - BETA2 if active else 0.0,
+                                    "ema_w": ema_weight(cfg.ema_decay, done) if active and cfg.ema_decay else 0.0,
+                                    "aug": fading[fold](done)}.items():
+                    rows[name][-1].append(value)
+    return {name: torch.tensor(values, dtype=torch.float32) for name, values in rows.items()}
+
+
+@pytest.mark.parametrize("update", [{}, {"optimizer": "adam", "schedule": "constant"}, {"ema_decay": 0.99}],
+                         ids=["adamw-cosine-fade", "adam-constant", "ema"])
+def test_step_table_holds_each_folds_constants_step_by_step(update):
+    """The table laid out by index equals its row-by-row definition, bit for bit, for folds of unequal length (the
+    shorter ones sit out the last step of each epoch)."""
+    cfg = TrainConfig(epochs=7, lr=0.002, optimizer="adamw", weight_decay=0.05, schedule="cosine", warmup_epochs=2,
+                      min_lr=1e-5, augment=AugmentConfig(rotation=10, anneal=0.4)).model_copy(update=update)
+    steps = [12, 11, 11]
+    table, expected = _step_table(cfg, steps, torch.device("cpu")), reference_step_table(cfg, steps)
+    for name, values in expected.items():
+        got = getattr(table, name)
+        assert got.shape == (7 * 12, 3, 1), name
+        assert torch.equal(got.squeeze(-1), values), name
+    assert (table.neg_step_size[11::12, 1:] == 0).all() and (table.neg_step_size[11::12, 0] < 0).all()
 
 
 def test_graph_path_captures_augmentation(subset):

@@ -77,6 +77,23 @@ def test_a_slower_pace_later_cuts_the_planned_count():
     assert stop.replan(2, 10.0).epochs == 5 and stop.replan(3, 40.0).epochs == 3
 
 
+def test_one_off_seconds_count_against_the_limit_but_not_in_the_pace():
+    """A caller that rebuilds its schedule after a plan says how long that took: the pace leaves it out (no second
+    cut for a plan's own cost), while the limit still counts it (the epochs left must end in time)."""
+    def planned(one_off_s):
+        plan = EpochPlan(TrainConfig(epochs=50), 100.0, None, "")
+        plan.replan(1, 10.0)
+        assert plan.replan(2, 20.0).epochs == 9
+        return plan.replan(3, 35.0, one_off_s)  # epoch 3 took 15 s, 5 of them rebuilding
+
+    assert planned(5.0) is None  # pace 10 s: 35 + 6 x 10 <= 100
+    assert planned(0.0).epochs == 3 + int(65 / (12.5 * PACE_MARGIN)) == 8  # pace 12.5 s: 35 + 6 x 12.5 > 100
+    plan = EpochPlan(TrainConfig(epochs=50), 100.0, None, "")
+    plan.replan(1, 10.0)
+    plan.replan(2, 20.0)
+    assert plan.replan(3, 95.0, 65.0).epochs == 3  # a 10 s pace, but 5 s of the limit left: this epoch is the last
+
+
 def test_fit_cuts_its_epochs_when_the_machine_slows_down(subset):
     """A real slowdown (the third epoch's callback sleeps past the limit): the count planned after epoch 2 (all 8
     at a quick pace; at least 5 unless an epoch takes over 2 s) is cut to the 4 done once the pace says no more

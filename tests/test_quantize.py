@@ -51,6 +51,31 @@ def test_int8_accuracy_close_to_fp32(fp32, int8, mnist):
     assert figures["int8_images_per_second"] > 0 and figures["fp32_images_per_second"] > 0
 
 
+def test_conv_stem_keeps_fp32_conv(mnist, tmp_path):
+    """Only MatMul/Gemm weights become int8: the conv-pool stem's Conv nodes stay fp32 (ConvInteger is ~3.5x
+    slower than Conv on ONNX Runtime's CPU provider), the transformer's matmuls are still integer."""
+    from pipeline.config import ModelConfig
+    from pipeline.export import export_onnx
+    from pipeline.model import build_model
+
+    model = build_model(ModelConfig(dim=16, depth=1, stem="conv-pool", stem_channels=8), seed=0).eval()
+    sample = to_pixels(mnist.test_images[:64])
+    export_onnx(model, tmp_path / "conv.onnx", sample)
+    int8 = quant.quantize_int8(tmp_path / "conv.onnx")
+    ops = [n.op_type for n in onnx.load(str(int8)).graph.node]
+    assert "ConvInteger" not in ops and ops.count("Conv") == 3
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= set(ops)
+    assert OnnxClassifier(int8, device="cpu").logits(sample.numpy()).shape == (64, 10)
+
+
+def test_int8_runs_whole_batches_on_every_thread_fp32_in_chunks(fp32, int8):
+    """A dynamically quantized model cannot be cut into chunks (its activation scale is per call), so ONNX Runtime
+    spreads each call over the threads itself; the fp32 model runs chunks on one-thread calls, one per thread."""
+    whole, chunks = OnnxClassifier(int8, device="cpu", threads=2), OnnxClassifier(fp32, device="cpu", threads=2)
+    assert not whole.chunked and whole.session.get_session_options().intra_op_num_threads == 2
+    assert chunks.chunked and chunks.workers == 2 and chunks.session.get_session_options().intra_op_num_threads == 1
+
+
 def test_per_channel_and_unknown_weight_type(fp32, tmp_path, mnist):
     path = quant.quantize_int8(fp32, tmp_path / "pc.onnx", per_channel=True)
     pixels = to_pixels(mnist.test_images[:500]).numpy()

@@ -20,7 +20,7 @@ other two folds come free, 3.0 no gain).
 
 On CUDA every ``fit`` and batched row comes twice: "(CUDA graph)" as the study runs it (``train.cuda_graph=auto``:
 each step replayed as one captured graph) and "(eager)" with ``train.cuda_graph=off``, the same kernels launched
-one by one, which is what the bare loop does.
+one by one, which is what the bare loop does; ``--cuda-graph on`` or ``off`` times only one of the two.
 """
 
 from __future__ import annotations
@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--no-batched", action="store_true", help="skip batched folds vs sequential folds")
     parser.add_argument("--no-fit", action="store_true", help="skip fit vs the bare loop (only the folds)")
+    parser.add_argument("--cuda-graph", choices=["both", "on", "off"], default="both",
+                        help="on CUDA: time the captured-graph rows, the eager ones, or both (default)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one batched run of 1 and of 3 folds of the first model (torch.profiler, "
                              "top kernels by device time): what grows with the number of folds")
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = {"": train_cfg}
     if device.type == "cuda":
         modes = {" (CUDA graph)": train_cfg, " (eager)": train_cfg.model_copy(update={"cuda_graph": "off"})}
+        if args.cuda_graph != "both":
+            modes = dict([list(modes.items())[0 if args.cuda_graph == "on" else 1]])
     for label, model_cfg in (MODELS[name] for name in args.models):
         params = count_parameters(build_model(model_cfg))
         xs, ys = x[folds[0][0]], y[folds[0][0]]

@@ -117,7 +117,7 @@ def test_batched_folds_equal_sequential_fits(subset):
 
 
 def test_split_k_folds_batched_equal_sequential_fits(subset, monkeypatch):
-    """The split-K weight gradients that train on CUDA in float32, forced on the CPU: each fold trains as fit does."""
+    """The split-K weight gradients of captured float32 CUDA steps, forced on the CPU: each fold trains as fit does."""
     from pipeline import batched
 
     plain = batched._linear
@@ -245,8 +245,8 @@ def test_cuda_graph_is_wanted_unless_dropout_or_compile():
 
 
 def test_split_k_linear_has_autograds_gradients():
-    """The stacked linear layer with its split-K weight gradient (what trains on CUDA in float32): float64 gradcheck,
-    and float32 gradients equal to the plain batched product's, with and without bias."""
+    """The stacked linear layer with its split-K weight gradient (what captured float32 CUDA steps train with):
+    float64 gradcheck, and float32 gradients equal to the plain batched product's, with and without bias."""
     assert (_split_k(128 * 50), _split_k(6272), _split_k(96), _split_k(128 * 49 + 1)) == (32, 32, 1, 1)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 64, 5, dtype=torch.float64, generator=generator, requires_grad=True)  # 256 rows: 4 chunks

@@ -21,10 +21,10 @@
 # All of it runs against one budget, GPU_CHECK_BUDGET seconds from the script's start (default 570, for a device
 # call of 600 s): each stage's timeout is its own cap or what is left, and a stage that no longer fits is skipped
 # with a row saying so. The wheels go to /tmp/site once per machine (only pydantic's when no study stage is asked
-# for: `bench/gpu_check.sh folds throughput` in a second call sets up in ~14 s instead of ~55). $OUT gets at most 8 files (what a device call
-# returns): machine.txt, table.txt (a row per stage, then a verdict on the GPU checks from bench/gpu_verdict.py),
-# the four study logs, throughput.md (the bench tables) and throughput.log; the table and the bench tables are
-# printed last.
+# for: `bench/gpu_check.sh folds throughput` in a second call sets up in ~14 s instead of ~55). $OUT gets at most
+# 8 files (what a device call returns): machine.txt, table.txt (a row per stage, then a verdict on the GPU checks
+# from bench/gpu_verdict.py), the four study logs, throughput.md (the bench tables) and throughput.log; the table
+# and the bench tables are printed last.
 #
 # GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU at toy sizes (smoke preset for the seed study, a 1-epoch strong
 # preset on a subset, a 100 s target for strong-tuned): a rehearsal of the script itself, e.g. in a Python 3.12
@@ -47,7 +47,7 @@ export PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 # Byte-compiled at install, so that the first study does not pay for it.
 # A warm machine that ran this before keeps /tmp/site; the marker names the wheel set that was installed.
 # Benches alone (no study among the stages: a second call for what the first had no time for) need only pydantic
-# beside the image's packages: those four wheels, no Prefect database, ~10 s of set-up instead of ~55.
+# beside the image's packages: those four wheels, no Prefect database, 14 s of set-up on the H200 instead of 55.
 STUDY=0
 for stage in "${STAGES[@]}"; do case "$stage" in strong|seed|resumed|strong-tuned) STUDY=1 ;; esac; done
 SITE=/tmp/site
@@ -86,7 +86,8 @@ if [ ! -s "$DATA/MNIST/raw/t10k-labels-idx1-ubyte" ]; then
 fi
 export VITFLOW_DATA_DIR="$DATA" PREFECT_HOME=/tmp/prefect-home VITFLOW_RESULTS_DIR=/tmp/vitflow-results
 # Prefect's database, as `make install` and the Docker image create it: not part of any study's time.
-[ "$STUDY" = 0 ] || [ -s "$PREFECT_HOME/prefect.db" ] || "$PYTHON" -m prefect server database upgrade -y > "$SETUP/prefect-db.log" 2>&1 \
+[ "$STUDY" = 0 ] || [ -s "$PREFECT_HOME/prefect.db" ] \
+  || "$PYTHON" -m prefect server database upgrade -y > "$SETUP/prefect-db.log" 2>&1 \
   || { tail -20 "$SETUP/prefect-db.log"; exit 1; }
 
 if [ "$DRY" = 1 ]; then
@@ -103,7 +104,8 @@ fi
 "$PYTHON" -c "import sys, torch, prefect, mlflow, onnx, onnxruntime as o; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'prefect', prefect.__version__, 'mlflow', mlflow.__version__, 'onnx', onnx.__version__, 'ort', o.__version__, o.get_available_providers())" | tee -a "$OUT/machine.txt"
 [ "$DEVICE" = cuda ] && ! "$PYTHON" -c "import torch; assert torch.cuda.is_available()" && {
   echo "torch sees no CUDA device: not a GPU check (GPU_CHECK_DRY_RUN=1 rehearses on the CPU)"; exit 1; }
-echo "set-up | $(( $(date +%s) - T0 ))s ($([ "$STUDY" = 1 ] && echo "wheels, MNIST, Prefect database" || echo "the benches' wheels, MNIST"))" > "$OUT/table.txt"
+SET_UP="wheels, MNIST, Prefect database"; [ "$STUDY" = 1 ] || SET_UP="the benches' wheels, MNIST"
+echo "set-up | $(( $(date +%s) - T0 ))s ($SET_UP)" > "$OUT/table.txt"
 : > "$OUT/throughput.md"; : > "$OUT/throughput.log"
 
 # Seconds left for stages: 25 s are kept for the report and for a stage that ignores its SIGTERM (killed 20 s later).

@@ -172,9 +172,9 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, split_k: bool | None
     ``split_k`` (None: while a CUDA graph is being captured, in float32, i.e. not under autocast): train through
     ``_StackedLinear``, whose weight gradient reduces over the rows in chunks. Under bf16 autocast the plain product
     stays: the chunks' partial sums would each be rounded to bf16, and the strong preset's wider layers fill the GPU
-    without splitting. Eager CUDA steps (dropout, torch.compile) keep it too: they wait on the host's kernel
-    launches, not on the GPU, and on the H200 the split's extra kernels made 3 eager batched folds slower (1.37x ->
-    1.67x one fold), while the captured ones went from 2.94x to 1.49-1.52x."""
+    without splitting. Eager CUDA steps (dropout, torch.compile) take the plain product as well: they wait on the
+    host's kernel launches, not on the GPU, and on the H200 the split's extra kernels made 3 eager batched folds
+    slower (1.37x -> 1.67x one fold), while the captured ones went from 2.94x to 1.49-1.52x."""
     k = x.shape[0]
     rows = x.reshape(k, -1, x.shape[-1])
     if split_k is None:

@@ -4,11 +4,12 @@ test accuracy, file size and CPU throughput.
 Dynamic quantization stores the MatMul/Gemm weights as int8 and quantizes activations on the fly (uint8, per
 tensor) just before each integer matmul. Only those op types are quantized (OP_TYPES): left to its default,
 quantize_dynamic also turns the convolutional stem's Conv nodes (model.stem: conv / conv-pool) into ConvInteger,
-which ONNX Runtime's CPU provider runs ~3.5x slower than the fp32 Conv it replaces. On a 2-core VM (ONNX Runtime
-1.31, one thread, batches of 1024; the strong preset's 1.03M-parameter conv-pool model): ConvInteger 0.57 s
-against fp32 Conv 0.16 s per 1024 images, int8 throughput 580 -> 750 images/s, compare() over the 10k test images
-65 s -> 54 s, int8 file 1293 -> 1372 KiB (the stem's convolution weights stay fp32), int8 accuracy unchanged
-within 0.1 point. The seed preset (linear patch embedding, no Conv) gets the same int8 file either way.
+which ONNX Runtime's CPU provider runs ~3.5x slower than the fp32 Conv it replaces. The strong preset's 1.03M-
+parameter conv-pool model on the 2-core dev VM (ONNX Runtime 1.31, one thread, batches of 1024; ORT's profiler):
+ConvInteger 0.57 s against Conv 0.16 s per 1024 images, int8 throughput 580 -> 750 images/s, int8 file 1293 ->
+1372 KiB (the stem's convolution weights stay fp32). The seed preset (linear patch embedding, no Conv) gets the
+same int8 file either way. On an H200 machine's CPU the int8 step of the strong flow took 67.6 s with ConvInteger
+and one thread (pipeline.inference.OnnxClassifier now gives an int8 call every thread).
 
 The exporter's graph needs one preparation: its value_info carries the shapes of initializers, which go stale when
 the quantizer rewrites Gemm as a MatMul with a transposed weight, and ONNX shape inference then stops with "Inferred

@@ -137,6 +137,12 @@ def _split_k(rows: int) -> int:
     return next((c for c in SPLIT_K_CHUNKS if rows % c == 0 and rows // c >= SPLIT_K_ROWS), 1)
 
 
+def _product(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """rows (k, n, in) through weight (k, out, in) and bias (k, out): one batched matrix product -> (k, n, out)."""
+    return (torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2)) if bias is not None
+            else torch.bmm(rows, weight.transpose(1, 2)))
+
+
 class _StackedLinear(torch.autograd.Function):
     """k linear layers whose weight gradient is a split-K batched product. Autograd's own backward of ``baddbmm``
     computes each fold's (out, in) weight gradient as one product reducing over all B * T rows: cuBLAS splits that
@@ -149,8 +155,7 @@ class _StackedLinear(torch.autograd.Function):
     def forward(ctx, rows: Tensor, weight: Tensor, bias: Tensor | None, chunks: int) -> Tensor:
         ctx.save_for_backward(rows, weight)
         ctx.chunks, ctx.has_bias = chunks, bias is not None
-        return (torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2)) if bias is not None
-                else torch.bmm(rows, weight.transpose(1, 2)))
+        return _product(rows, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -184,8 +189,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, split_k: bool | None
     if chunks > 1:
         out = _StackedLinear.apply(rows, weight, bias, chunks)
     else:
-        out = (torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2)) if bias is not None
-               else torch.bmm(rows, weight.transpose(1, 2)))
+        out = _product(rows, weight, bias)
     return out.view(*x.shape[:-1], weight.shape[1])
 
 

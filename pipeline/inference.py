@@ -211,12 +211,13 @@ class OnnxClassifier:
             dynamic_quantized = batch_dependent(self.source.path)
             options = ort.SessionOptions()
             self.workers = 1
+            cpu_threads = max(1, threads or os.cpu_count() or 1)
             if providers[0] == CPU and not dynamic_quantized:  # parallel over chunks, not inside one call
-                self.workers = max(1, threads or os.cpu_count() or 1)
+                self.workers = cpu_threads
                 options.intra_op_num_threads = 1
                 options.inter_op_num_threads = 1
             elif providers[0] == CPU:  # whole batches: parallel inside each call
-                options.intra_op_num_threads = max(1, threads or os.cpu_count() or 1)
+                options.intra_op_num_threads = cpu_threads
             elif threads:
                 options.intra_op_num_threads = threads
             # The session holds the model in memory: the downloaded copy can go when it is built.

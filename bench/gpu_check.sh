@@ -10,6 +10,7 @@
 #   strong        the strong preset (configs/strong.yaml) through the flow, fresh
 #   seed          the seed study through the flow, fresh
 #   folds         the seed model's 3 folds stacked vs one after another, 5 epochs as the seed study's CV trains them
+#                 (captured steps only; also with every LayerNorm through F.layer_norm, the kernel before 2026-12-05)
 #   strong-tuned  only when strong finished but missed 99.70% or 5 minutes: the strong preset again with as many
 #                 epochs as its measured seconds per epoch fit into 5 minutes (and into the time left); before
 #                 throughput, whose fit-vs-bare ratios were met on an H100 already. The strong preset already fits
@@ -208,7 +209,7 @@ for stage in "${STAGES[@]}"; do
     folds)
       limit=$(fits folds-5-epochs 100 50) || continue
       run_bench folds-5-epochs "$limit" "batched folds over $FOLD_EPOCHS epochs, as the seed study's CV trains them (seed model)" \
-        --models seed "${FOLD_ARGS[@]}" --epochs "$FOLD_EPOCHS" --no-fit ;;
+        --models seed "${FOLD_ARGS[@]}" --epochs "$FOLD_EPOCHS" --no-fit --cuda-graph on --norm both ;;
     throughput)
       limit=$(fits train-throughput 120 60) || continue
       run_bench train-throughput "$limit" "fit vs bare loop, batched folds over 1 epoch (seed model)" \

@@ -21,6 +21,9 @@ other two folds come free, 3.0 no gain).
 On CUDA every ``fit`` and batched row comes twice: "(CUDA graph)" as the study runs it (``train.cuda_graph=auto``:
 each step replayed as one captured graph) and "(eager)" with ``train.cuda_graph=off``, the same kernels launched
 one by one, which is what the bare loop does; ``--cuda-graph on`` or ``off`` times only one of the two.
+``--norm both`` adds "(CUDA graph, F.layer_norm)" rows: the captured steps with every LayerNorm through
+``F.layer_norm``, as before ``pipeline.batched._ShortRowNorm`` took the models of at most ``SHORT_ROW_NORM_DIM``
+features (the seed model's 8) on CUDA.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from pipeline import batched as batched_module  # noqa: E402
 
 from bench.machine import cpu_name  # noqa: E402
 from pipeline.batched import fit_folds  # noqa: E402
@@ -71,6 +76,17 @@ def bare_loop(model_cfg: ModelConfig, train_cfg: TrainConfig, images: torch.Tens
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
+
+def with_norm_dim(dim: int, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn, run with ``pipeline.batched.SHORT_ROW_NORM_DIM`` set to dim (0: every LayerNorm through F.layer_norm)."""
+    def run() -> object:
+        kept, batched_module.SHORT_ROW_NORM_DIM = batched_module.SHORT_ROW_NORM_DIM, dim
+        try:
+            return fn()
+        finally:
+            batched_module.SHORT_ROW_NORM_DIM = kept
+    return run
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -110,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-fit", action="store_true", help="skip fit vs the bare loop (only the folds)")
     parser.add_argument("--cuda-graph", choices=["both", "on", "off"], default="both",
                         help="on CUDA: time the captured-graph rows, the eager ones, or both (default)")
+    parser.add_argument("--norm", choices=["default", "both"], default="default",
+                        help="on CUDA, both: also time the captured-graph rows with every LayerNorm through "
+                             "F.layer_norm (pipeline.batched.SHORT_ROW_NORM_DIM=0)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one batched run of 1 and of 3 folds of the first model (torch.profiler, "
                              "top kernels by device time): what grows with the number of folds")
@@ -137,11 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     warm_folds = [(tr[:4 * args.batch_size], va[:args.batch_size]) for tr, va in folds]
     # On CUDA, fit and the batched folds replay each step as a captured CUDA graph (train.cuda_graph=auto); the
     # same code with cuda_graph=off is timed beside it, the eager loop the bare one compares with kernel for kernel.
-    modes = {"": train_cfg}
+    # Each mode: (configuration, SHORT_ROW_NORM_DIM).
+    default_dim = batched_module.SHORT_ROW_NORM_DIM
+    modes = {"": (train_cfg, default_dim)}
     if device.type == "cuda":
-        modes = {" (CUDA graph)": train_cfg, " (eager)": train_cfg.model_copy(update={"cuda_graph": "off"})}
+        modes = {" (CUDA graph)": (train_cfg, default_dim),
+                 " (eager)": (train_cfg.model_copy(update={"cuda_graph": "off"}), default_dim)}
         if args.cuda_graph != "both":
             modes = dict([list(modes.items())[0 if args.cuda_graph == "on" else 1]])
+        if args.norm == "both" and args.cuda_graph != "off":
+            modes[" (CUDA graph, F.layer_norm)"] = (train_cfg, 0)
     for label, model_cfg in (MODELS[name] for name in args.models):
         params = count_parameters(build_model(model_cfg))
         xs, ys = x[folds[0][0]], y[folds[0][0]]
@@ -149,10 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         modes_timed = {} if args.no_fit else modes
         variants = {} if args.no_fit else {"bare": lambda: bare_loop(model_cfg, train_cfg, xs, ys, device)}
         warmups = {"bare": lambda: bare_loop(model_cfg, train_cfg, xs[few], ys[few], device)}
-        for mode, cfg in modes_timed.items():
-            variants[f"fit{mode}"] = lambda cfg=cfg: fit(model_cfg, cfg, xs, ys, seed=SEED, progress=False,
-                                                         should_stop=stop.is_set)
-            warmups[f"fit{mode}"] = lambda cfg=cfg: fit(model_cfg, cfg, xs[few], ys[few], seed=SEED, progress=False)
+        for mode, (cfg, dim) in modes_timed.items():
+            variants[f"fit{mode}"] = with_norm_dim(dim, lambda cfg=cfg: fit(
+                model_cfg, cfg, xs, ys, seed=SEED, progress=False, should_stop=stop.is_set))
+            warmups[f"fit{mode}"] = with_norm_dim(dim, lambda cfg=cfg: fit(
+                model_cfg, cfg, xs[few], ys[few], seed=SEED, progress=False))
         med = interleaved(variants, warmups, args.repeats, device) if variants else {}
         rate = {name: len(ys) * args.epochs / s for name, s in med.items()}
         for mode in modes_timed:
@@ -161,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             print(fit_rows[-1], file=sys.stderr, flush=True)  # progress; the tables go to stdout at the end
         if args.no_batched:
             continue
-        for mode, cfg in modes.items():
+        for mode, (cfg, dim) in modes.items():
             def sequential(folds: list = folds, cfg: TrainConfig = cfg) -> list:
                 return [fit(model_cfg, cfg, x[tr], y[tr], {"val": (x[va], y[va])}, seed=s, progress=False,
                             should_stop=stop.is_set) for (tr, va), s in zip(folds, seeds)]
@@ -169,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             def batched(folds: list = folds, cfg: TrainConfig = cfg) -> list:
                 return fit_folds(model_cfg, cfg, x, y, folds, seeds, progress=False, should_stop=stop.is_set)
 
-            med = interleaved({"sequential": sequential, "batched": batched},
-                              {"sequential": lambda: sequential(warm_folds), "batched": lambda: batched(warm_folds)},
+            med = interleaved({"sequential": with_norm_dim(dim, sequential), "batched": with_norm_dim(dim, batched)},
+                              {"sequential": with_norm_dim(dim, lambda: sequential(warm_folds)),
+                               "batched": with_norm_dim(dim, lambda: batched(warm_folds))},
                               args.repeats, device)
             one = med["sequential"] / 3
             fold_rows.append(f"| {device.type} | {label}{mode} | {one:.2f} | {med['sequential']:.2f} | "

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipeline.batched import (BETA1, BETA2, _linear, _split_k, _step_table, _StepTable, fit_folds, graph_wanted,
-                              stacked_forward, train_stacked)
+from pipeline.batched import (BETA1, BETA2, _layer_norm, _linear, _ShortRowNorm, _split_k, _step_table, _StepTable,
+                              fit_folds, graph_wanted, stacked_forward, train_stacked)
 from pipeline.config import AugmentConfig, ModelConfig, TrainConfig
 from pipeline.data import stratified_folds
 from pipeline.model import build_model
@@ -126,6 +126,40 @@ def test_split_k_folds_batched_equal_sequential_fits(subset, monkeypatch):
     cfg = TrainConfig(epochs=2, batch_size=128, device="cpu")
     got = fit_folds(MODEL, cfg, x, y, folds, SEEDS, progress=False)
     assert_same_training(sequential(cfg, x, y, folds), got, x, folds)
+
+
+def test_short_row_norm_folds_batched_equal_sequential_fits(subset, monkeypatch):
+    """The LayerNorm that CUDA steps of models with at most SHORT_ROW_NORM_DIM features use, forced on the CPU: each
+    fold trains as fit (torch.nn.LayerNorm) trains it."""
+    from pipeline import batched
+
+    plain = batched._layer_norm
+    monkeypatch.setattr(batched, "_layer_norm", lambda *args: plain(*args, short_rows=True))
+    x, y, folds = subset
+    cfg = TrainConfig(epochs=2, batch_size=128, device="cpu")
+    got = fit_folds(MODEL, cfg, x, y, folds, SEEDS, progress=False)
+    assert_same_training(sequential(cfg, x, y, folds), got, x, folds)
+
+
+def test_short_row_norm_has_layer_norms_values_and_gradients():
+    """_ShortRowNorm: float64 gradcheck; in float32 the values and gradients of F.layer_norm, with the stacked
+    affine (per-fold weight and bias) around it; on the CPU the default stays F.layer_norm."""
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 4, 50, 8, dtype=torch.float64, generator=generator) * 3 + 1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: _ShortRowNorm.apply(t, 1e-5), (x,))
+    weight = torch.randn(3, 8, generator=generator, requires_grad=True)
+    bias = torch.randn(3, 8, generator=generator, requires_grad=True)
+    inputs = (x.detach().float().requires_grad_(), weight, bias)
+    upstream = torch.randn(3, 4, 50, 8, generator=generator)
+    results = []
+    for short in (True, False):
+        out = _layer_norm(*inputs, 1e-5, short_rows=short)
+        results.append((out, torch.autograd.grad(out, inputs, upstream)))
+    (out, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(out, expected, rtol=0, atol=2e-6)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(_layer_norm(*inputs, 1e-5), expected)  # the CPU's default: F.layer_norm
 
 
 @pytest.mark.parametrize("stem,pool", [("conv", "cls"), ("conv-pool", "cls"), ("conv", "mean")])

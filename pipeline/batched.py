@@ -193,7 +193,10 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, split_k: bool | None
     return out.view(*x.shape[:-1], weight.shape[1])
 
 
-SHORT_ROW_NORM_DIM = 32  # on CUDA, LayerNorms over at most this many features run as _ShortRowNorm (0: never)
+# On CUDA, LayerNorms over at most this many features run as _ShortRowNorm (0: never). 32 takes in the seed model
+# (8), whose profile showed the per-row kernel, and the cpu preset's width; the strong preset (128) keeps the kernel
+# its GPU runs were measured with.
+SHORT_ROW_NORM_DIM = 32
 
 
 class _ShortRowNorm(torch.autograd.Function):
@@ -259,8 +262,9 @@ def stacked_forward(template: ViT, params: dict[str, Tensor], pixels: Tensor, *,
 
     Every linear layer is one batched matrix product over the k models and attention is one
     ``scaled_dot_product_attention`` call over k * B sequences, so a step of k models launches the kernels of one
-    model's step. ``template`` supplies the structure, buffers and parameter-free modules (GELU, dropout); its own
-    weights are not read. tests/test_batched.py checks this against ``ViT.forward`` for each model's weights.
+    model's step; on CUDA a LayerNorm over at most ``SHORT_ROW_NORM_DIM`` features runs as ``_ShortRowNorm``.
+    ``template`` supplies the structure, buffers and parameter-free modules (GELU, dropout); its own weights are not
+    read. tests/test_batched.py checks this against ``ViT.forward`` for each model's weights.
 
     ``explicit_attention`` writes attention out as softmax(QK^T / sqrt(d_head)) V, the arithmetic of SDPA's math
     path, for when the fused kernel fails (``train_stacked`` falls back to it; an earlier ``vmap`` version of this

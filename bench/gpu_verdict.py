@@ -9,7 +9,8 @@ One line per check: met / missed / not measured, with the figures it rests on:
 - a configuration's 3 batched folds <= 1.5x one fold: on CUDA the "(CUDA graph)" rows (how the study trains
   them) of the folds stage's table, whose heading has ``AS_THE_STUDY`` (5 epochs, as the seed study's CV trains a
   configuration's folds); the 1-epoch rows of the throughput stages, where per-run fixed costs weigh 5x more,
-  decide only when that table is missing, and are listed beside it otherwise;
+  decide only when that table is missing, and are listed beside it otherwise; so are that table's
+  "(CUDA graph, F.layer_norm)" rows (the LayerNorm kernel before pipeline.batched._ShortRowNorm), for comparison;
 - ``fit`` >= 0.9x the bare loop (every fit/bare row).
 """
 
@@ -48,7 +49,7 @@ def verdict(table: str, bench: str) -> list[str]:
                 strong.append(f"{'met' if ok else 'missed'} by {label}{tuned}: {acc[1]}%, flow {flow[1]} s, "
                               f"process {wall[1]} s")
     out.append("strong >= 99.70% in <= 5 min: " + ("; ".join(strong) if strong else "not measured"))
-    batched, as_studied, fit = [], [], []
+    batched, as_studied, old_norm, fit = [], [], [], []
     heading = ""
     for line in bench.splitlines():
         if line.startswith("## "):
@@ -59,6 +60,8 @@ def verdict(table: str, bench: str) -> list[str]:
         studied = cells[0] == "cpu" or "(CUDA graph)" in cells[1]  # on CUDA: as the study trains them
         if len(cells) == 7 and studied and re.fullmatch(r"[0-9.]+", cells[5]):
             (as_studied if AS_THE_STUDY in heading else batched).append(float(cells[5]))
+        if len(cells) == 7 and "(CUDA graph, F.layer_norm)" in cells[1] and AS_THE_STUDY in heading:
+            old_norm.append(float(cells[5]))
         if len(cells) == 6 and re.fullmatch(r"[0-9.]+", cells[5]) and cells[0] in ("cuda", "cpu"):
             fit.append((cells[1], float(cells[5])))
     ratios = lambda values: ", ".join(f"{r:.2f}x" for r in values)  # noqa: E731
@@ -66,6 +69,7 @@ def verdict(table: str, bench: str) -> list[str]:
     detail = ratios(deciding)
     if as_studied:
         detail += f" {AS_THE_STUDY}" + (f"; 1-epoch rows, not deciding: {ratios(batched)}" if batched else "")
+        detail += f"; with F.layer_norm, not deciding: {ratios(old_norm)}" if old_norm else ""
     out.append("3 batched folds <= 1.5x one fold: " + (
         f"{'met' if max(deciding) <= 1.5 else 'missed'} ({detail})" if deciding else "not measured"))
     out.append("fit >= 0.9x bare loop: " + (

@@ -16,6 +16,7 @@
 #                 throughput, whose fit-vs-bare ratios were met on an H100 already. The strong preset already fits
 #                 its epochs to the 5 minutes itself (time_budget), so this is the fallback for a run that overran
 #   throughput    fit vs a bare loop and batched folds over 1 epoch, seed model (bench/train_throughput.py)
+#   profile-strong  the strong preset's training step: ms per step and its top kernels (bench/profile_step.py)
 #   resumed       the seed study again: every fold from the result store
 #   bigger        fit vs bare loop and batched folds for the dim-64 model
 #   profile       torch.profiler tables of one stacked run of 1 and of 3 folds: which kernels grow with k
@@ -37,7 +38,7 @@ T0=$(date +%s)
 OUT="${OUT:-/tmp/gpu-check}"; mkdir -p "$OUT"
 PYTHON="${PYTHON:-python3}"
 DRY="${GPU_CHECK_DRY_RUN:-0}"
-ALL=(strong seed folds strong-tuned throughput resumed bigger profile)
+ALL=(strong seed folds strong-tuned throughput profile-strong resumed bigger profile)
 STAGES=("$@"); [ ${#STAGES[@]} -eq 0 ] && STAGES=("${ALL[@]}")
 for stage in "${STAGES[@]}"; do
   [[ " ${ALL[*]} " == *" $stage "* ]] || { echo "unknown stage '$stage': use ${ALL[*]}" >&2; exit 2; }
@@ -94,12 +95,14 @@ export VITFLOW_DATA_DIR="$DATA" PREFECT_HOME=/tmp/prefect-home VITFLOW_RESULTS_D
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu; SEED_CONFIG=smoke; BUDGET="${GPU_CHECK_BUDGET:-1500}"; STRONG_TARGET=100; SCALE=3
   FIT_ARGS=(--images 2000 --repeats 1); FOLD_EPOCHS=2; FOLD_ARGS=(--images 1000 --repeats 1)
+  PROFILE_STRONG_ARGS=(--images 512 --set train.batch_size=128)
   STRONG_SET=(--set train.epochs=1 --set cv.epochs=1 --set data.train_subset=3000 --set data.test_subset=1000
               --set train.batch_size=128)
   echo "dry run on the CPU ($(nproc) cores)" > "$OUT/machine.txt"
 else
   DEVICE=cuda; SEED_CONFIG=seed; BUDGET="${GPU_CHECK_BUDGET:-570}"; STRONG_TARGET=300; SCALE=1
   FIT_ARGS=(--images 20000 --repeats 3); FOLD_EPOCHS=5; FOLD_ARGS=(--images 20000 --repeats 3); STRONG_SET=()
+  PROFILE_STRONG_ARGS=(--images 30720)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/machine.txt"
 fi
 "$PYTHON" -c "import sys, torch, prefect, mlflow, onnx, onnxruntime as o; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'prefect', prefect.__version__, 'mlflow', mlflow.__version__, 'onnx', onnx.__version__, 'ort', o.__version__, o.get_available_providers())" | tee -a "$OUT/machine.txt"
@@ -183,13 +186,13 @@ run_study() {  # label, timeout, extra args...
   fi
   tail -18 "$STUDY_LOG"
 }
-run_bench() {  # label, timeout, markdown heading, train_throughput args...
+run_bench() {  # label, timeout, markdown heading, train_throughput args... (BENCH_SCRIPT: another bench script)
   local label=$1 limit=$2 heading=$3; shift 3
-  local start
+  local start script=${BENCH_SCRIPT:-bench/train_throughput.py}
   start=$(date +%s.%N)
   echo -e "\n## $heading\n" >> "$OUT/throughput.md"
-  timeout -k 20 "$limit" "$PYTHON" bench/train_throughput.py --device "$DEVICE" "$@" >> "$OUT/throughput.md" \
-    2>> "$OUT/throughput.log"
+  [ "$script" = bench/train_throughput.py ] && set -- --device "$DEVICE" "$@"
+  timeout -k 20 "$limit" "$PYTHON" "$script" "$@" >> "$OUT/throughput.md" 2>> "$OUT/throughput.log"
   echo "$label | rc=$? | process wall $(seconds_since "$start")s (limit ${limit}s)" >> "$OUT/table.txt"
   tail -4 "$OUT/throughput.log"
 }
@@ -218,6 +221,11 @@ for stage in "${STAGES[@]}"; do
       limit=$(fits throughput-bigger 120 70) || continue
       run_bench throughput-bigger "$limit" "fit vs bare loop, batched folds over 1 epoch (dim-64 model)" \
         --models bigger "${FIT_ARGS[@]}" ;;
+    profile-strong)
+      limit=$(fits profile-strong 90 45) || continue
+      BENCH_SCRIPT=bench/profile_step.py run_bench profile-strong "$limit" \
+        "profile: the strong preset's training step (bench/profile_step.py)" \
+        --config strong "${PROFILE_STRONG_ARGS[@]}" ;;
     profile)
       limit=$(fits profile 60 40) || continue
       run_bench profile "$limit" "profile: one stacked run of 1 and of 3 folds (seed model)" \

@@ -43,9 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pipeline import batched as batched_module  # noqa: E402
-
 from bench.machine import cpu_name  # noqa: E402
+from pipeline import batched as batched_module  # noqa: E402
 from pipeline.batched import fit_folds  # noqa: E402
 from pipeline.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from pipeline.data import load, stratified_folds  # noqa: E402

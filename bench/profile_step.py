@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{count_parameters(build_model(cfg.model)):,} parameters, {len(y):,} images = {steps} steps of "
           f"{cfg.train.batch_size}, precision {cfg.train.precision}, cuda_graph {cfg.train.cuda_graph}; "
           f"{device.type}{gpu}; torch {torch.__version__}\n")
-    print(f"fit, one epoch: {seconds:.2f} s, {1000 * seconds / steps:.2f} ms per step (capture and warm-up steps "
+    print(f"fit, one epoch: {seconds:.3f} s, {1000 * seconds / steps:.2f} ms per step (capture and warm-up steps "
           f"included), {len(y) / seconds:,.0f} images/s\n")
 
     from torch.profiler import ProfilerActivity, profile
